@@ -1,0 +1,230 @@
+"""Experts: E feed-forward networks applied to expert-sorted rows.
+
+Every experts module has the same call: ``experts(x_SD, tokens_per_expert_E) -> y_SD`` where
+the rows of ``x_SD`` are grouped by expert (the first ``tokens_per_expert[0]`` rows go to
+expert 0, the next to expert 1, ...), as :mod:`pytorch_mixtures.dispatch` lays them out.
+Rows past ``tokens_per_expert.sum()`` are padding: their output is zero.
+
+* :class:`MLPExperts` and :class:`SwiGLUExperts` keep the E experts' weights stacked as
+  ``[E, ...]`` tensors (the layout grouped-matmul kernels want).
+* :class:`ModuleListExperts` wraps any list of ``nn.Module`` mapping ``[n, D] -> [n, D]``.
+
+Shape legend: S rows, D model dim, H expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ExpertsBase", "MLPExperts", "ModuleListExperts", "SwiGLUExperts", "as_experts"]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+    return value
+
+
+def _group_bounds(tokens_per_expert_E: Tensor) -> list[int]:
+    """Row offsets ``[0, c0, c0+c1, ...]`` on the host (one device sync)."""
+    bounds = [0]
+    for count in tokens_per_expert_E.tolist():
+        bounds.append(bounds[-1] + int(count))
+    return bounds
+
+
+class ExpertsBase(nn.Module):
+    """Interface of experts: ``forward(x_SD, tokens_per_expert_E) -> y_SD``.
+
+    Subclasses implement :meth:`expert_forward` (one expert on its rows); the default
+    ``forward`` loops over experts on contiguous slices (the sorted-slice backend).
+    """
+
+    num_experts: int
+    dim: int
+
+    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        if tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"tokens_per_expert: expected shape ({self.num_experts},), "
+                f"got {tuple(tokens_per_expert_E.shape)}"
+            )
+        bounds = _group_bounds(tokens_per_expert_E)
+        if bounds[-1] > x_SD.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x_SD.shape[0]} rows"
+            )
+        pieces = [
+            self.expert_forward(expert, x_SD[bounds[expert] : bounds[expert + 1]])
+            for expert in range(self.num_experts)
+            if bounds[expert + 1] > bounds[expert]
+        ]
+        pieces.append(x_SD.new_zeros(x_SD.shape[0] - bounds[-1], self.dim))
+        return torch.cat(pieces, dim=0)
+
+
+def _init_stacked(weight: Tensor, fan_in: int) -> None:
+    # nn.Linear's default, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class MLPExperts(ExpertsBase):
+    """E two-layer MLPs ``act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``, weights stacked.
+
+    Parameters: ``w_in`` ``[E, D, H]``, ``w_out`` ``[E, H, D]``, and with ``bias``
+    ``b_in`` ``[E, H]``, ``b_out`` ``[E, D]``. Initialised as ``nn.Linear`` would, per expert.
+
+    Args:
+        num_experts: E.
+        dim: D.
+        hidden_dim: H.
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+        bias: whether the two projections have biases.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_experts = _check_int("num_experts", num_experts)
+        self.dim = _check_int("dim", dim)
+        self.hidden_dim = _check_int("hidden_dim", hidden_dim)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
+        self.activation = activation
+        self._act = _ACTIVATIONS[activation]
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b_in = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_stacked(self.w_in, self.dim)
+        _init_stacked(self.w_out, self.hidden_dim)
+        if self.b_in is not None and self.b_out is not None:
+            _init_stacked(self.b_in, self.dim)
+            _init_stacked(self.b_out, self.hidden_dim)
+
+    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+        h_nH = x_nD @ self.w_in[expert]
+        if self.b_in is not None:
+            h_nH = h_nH + self.b_in[expert]
+        y_nD = self._act(h_nH) @ self.w_out[expert]
+        if self.b_out is not None:
+            y_nD = y_nD + self.b_out[expert]
+        return y_nD
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation!r}, bias={self.b_in is not None}"
+        )
+
+
+class SwiGLUExperts(ExpertsBase):
+    """E SwiGLU FFNs ``(silu(x @ W_gate[e]) * (x @ W_up[e])) @ W_down[e]`` (Shazeer 2020).
+
+    Parameters: ``w_gate_up`` ``[E, D, 2H]`` (gate in the first H columns, up in the last H:
+    one matmul instead of two) and ``w_down`` ``[E, H, D]``; no biases (Llama/Mixtral style).
+
+    Args:
+        num_experts: E.
+        dim: D.
+        hidden_dim: H.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.num_experts = _check_int("num_experts", num_experts)
+        self.dim = _check_int("dim", dim)
+        self.hidden_dim = _check_int("hidden_dim", hidden_dim)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_stacked(self.w_gate_up, self.dim)
+        _init_stacked(self.w_down, self.hidden_dim)
+
+    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+        gate_nH, up_nH = (x_nD @ self.w_gate_up[expert]).chunk(2, dim=-1)
+        return (F.silu(gate_nH) * up_nH) @ self.w_down[expert]
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+
+
+class ModuleListExperts(ExpertsBase):
+    """Any list of modules, each mapping ``[n, D] -> [n, D]``, as experts (seed README style).
+
+    Args:
+        experts: a non-empty iterable of ``nn.Module``.
+        dim: D, used to check every expert's output shape.
+    """
+
+    def __init__(self, experts: Iterable[nn.Module], dim: int) -> None:
+        super().__init__()
+        modules = list(experts)
+        if not modules:
+            raise ValueError("experts: expected a non-empty list of nn.Module, got an empty list")
+        for index, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"experts[{index}]: expected an nn.Module, got {type(module).__name__}"
+                )
+        self.experts = nn.ModuleList(modules)
+        self.num_experts = len(modules)
+        self.dim = _check_int("dim", dim)
+
+    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+        y_nD = self.experts[expert](x_nD)
+        if not isinstance(y_nD, Tensor) or y_nD.shape != x_nD.shape:
+            got = tuple(y_nD.shape) if isinstance(y_nD, Tensor) else type(y_nD).__name__
+            raise ValueError(
+                f"experts[{expert}]: expected output shape {tuple(x_nD.shape)}, got {got}"
+            )
+        return y_nD.to(x_nD.dtype)
+
+
+def as_experts(experts: ExpertsBase | Iterable[nn.Module], dim: int) -> ExpertsBase:
+    """Return ``experts`` as an :class:`ExpertsBase`, wrapping a list of modules if needed."""
+    if isinstance(experts, ExpertsBase):
+        return experts
+    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(
+            "experts: expected MLPExperts/SwiGLUExperts or a list of nn.Module, "
+            f"got a single {type(experts).__name__}"
+        )
+    if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
+        raise TypeError(
+            f"experts: expected MLPExperts/SwiGLUExperts or a list of nn.Module, "
+            f"got {type(experts).__name__}"
+        )
+    return ModuleListExperts(experts, dim)

@@ -1,0 +1,168 @@
+"""MoELayer: router -> dispatch -> experts -> combine, as a drop-in for an MLP.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts, S routed slots.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .experts import ExpertsBase, as_experts
+from .losses import AuxLossModule
+from .routing import Router, _check_capacity_factor
+from .stats import RoutingStats, routing_stats_from
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(AuxLossModule):
+    """A sparse Mixture-of-Experts layer: ``x [..., D] -> y [..., D]`` (same shape and dtype).
+
+    The router assigns each token to experts (or experts to tokens), dispatch sorts the slots
+    by expert, the experts run on contiguous slices, and each token's slot outputs are summed
+    with the router's weights. Like an MLP it returns only the update: add your residual.
+
+    After each forward:
+
+    * ``aux_loss``: 0-dim float32, the router's weighted aux losses, with gradient. Add
+      ``pm.aux_loss(model)`` to the training loss to collect it from every layer.
+    * ``aux_losses``: the unweighted parts by name, for logging.
+    * ``stats``: :class:`~pytorch_mixtures.stats.RoutingStats` (tokens per expert, dropped
+      fraction, ...).
+
+    Args:
+        dim: model dimension D; may be omitted (None) and is then taken from the router.
+        router: a :class:`~pytorch_mixtures.routing.Router` (``TopKRouter``,
+            ``ExpertChoiceRouter``, ...).
+        experts: ``MLPExperts`` / ``SwiGLUExperts`` (stacked weights), or any list of
+            ``nn.Module`` mapping ``[n, D] -> [n, D]``.
+        capacity_factor: if given, overrides the router's capacity factor (sets
+            ``router.capacity_factor``).
+        num_experts: optional, checked against the experts and the router.
+        causal: set True inside an autoregressive model: warns if the router is not causal
+            (expert choice looks at the whole sequence).
+
+    Example::
+
+        router = pm.TopKRouter(512, num_experts=8, top_k=2)
+        moe = pm.MoELayer(512, router, pm.SwiGLUExperts(8, 512, 1024))
+        y = x + moe(x)
+        loss = task_loss + pm.aux_loss(model)
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        router: Router | None = None,
+        experts: ExpertsBase | Iterable[nn.Module] | None = None,
+        capacity_factor: float | None = None,
+        *,
+        num_experts: int | None = None,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        if router is None or experts is None:
+            raise TypeError("MoELayer: both `router` and `experts` are required")
+        if not isinstance(router, Router):
+            raise TypeError(
+                f"router: expected a pytorch_mixtures Router (TopKRouter, ExpertChoiceRouter, "
+                f"...), got {type(router).__name__}"
+            )
+        if dim is None:
+            dim = router.dim
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim: expected an int, got {type(dim).__name__} ({dim!r})")
+        if dim != router.dim:
+            raise ValueError(f"dim: the router was built for dim={router.dim}, got dim={dim}")
+        expert_module = as_experts(experts, dim)
+        if expert_module.dim != dim:
+            raise ValueError(f"experts: built for dim={expert_module.dim}, expected dim={dim}")
+        if expert_module.num_experts != router.num_experts:
+            raise ValueError(
+                f"experts: the router routes to {router.num_experts} experts, "
+                f"got {expert_module.num_experts} experts"
+            )
+        if num_experts is not None and num_experts != router.num_experts:
+            raise ValueError(
+                f"num_experts: expected {router.num_experts} (the router's and experts' count), "
+                f"got {num_experts}"
+            )
+        if capacity_factor is not None:
+            router.capacity_factor = _check_capacity_factor(capacity_factor)
+        if causal and not router.is_causal:
+            warnings.warn(
+                f"{type(router).__name__} is not causal: a token's routing depends on later "
+                "tokens, so an autoregressive model sees different routing when generating",
+                stacklevel=2,
+            )
+        self.dim = dim
+        self.num_experts = router.num_experts
+        self.router = router
+        self.experts = expert_module
+        self._stats: RoutingStats | None = None
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        """Routing statistics of the last forward (None before the first)."""
+        return self._stats
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Apply the layer.
+
+        Args:
+            x: ``[..., D]`` floating tensor (``[B, T, D]``, ``[N, D]``, ...). Leading
+                dimensions other than the last two are flattened into the batch.
+            attention_mask: optional mask of shape ``x.shape[:-1]`` (1 = token, 0 = padding).
+                Padding tokens are not routed (output zero) and are excluded from aux losses.
+
+        Returns:
+            ``[..., D]`` tensor of ``x``'s dtype: the sum of each token's weighted expert
+            outputs (zero for tokens whose slots were all dropped).
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape [..., {self.dim}], got {tuple(x.shape)}")
+        if attention_mask is not None and (
+            not isinstance(attention_mask, Tensor) or attention_mask.shape != x.shape[:-1]
+        ):
+            got = (
+                tuple(attention_mask.shape)
+                if isinstance(attention_mask, Tensor)
+                else type(attention_mask).__name__
+            )
+            raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:-1])}, got {got}")
+
+        if x.numel() == 0:
+            return self._empty_forward(x)
+        seq_len = x.shape[-2] if x.dim() >= 2 else 1
+        x_BTD = x.reshape(-1, seq_len, self.dim)
+        mask_BT = None if attention_mask is None else attention_mask.reshape(x_BTD.shape[:2])
+
+        route = self.router(x_BTD, mask_BT)
+        plan = dispatch.plan_dispatch(route)
+        x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
+        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert)
+        y_ND = dispatch.combine(y_sorted_SD, route, plan)
+
+        self._set_aux(route.aux_loss, dict(route.aux_losses))
+        self._stats = routing_stats_from(route, plan)
+        return y_ND.reshape(x.shape).to(x.dtype)
+
+    def _empty_forward(self, x: Tensor) -> Tensor:
+        zero = torch.zeros((), device=x.device)
+        empty = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        self._set_aux(zero, {})
+        self._stats = RoutingStats(empty, zero.long(), zero.long(), zero.long(), zero.long())
+        # keep the graph connected so backward on an empty batch still works
+        return x * 0
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}"

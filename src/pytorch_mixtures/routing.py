@@ -1,0 +1,416 @@
+"""Routers: who goes where, with what weight.
+
+A router maps tokens to *slots*: (token, expert, weight) assignments. Every router returns the
+same small immutable :class:`RouterOutput`, so dispatch and experts never depend on the routing
+scheme.
+
+Shape legend (tensor names carry their shape): B batch, T sequence, N = B*T tokens, D model dim,
+E experts, K slots per token (top-k), C per-expert capacity, S routed slots (N*K for token
+choice, B*E*C for expert choice).
+
+Router math runs in float32 even under autocast: low-precision softmax and top-k flip expert
+choices and inflate the z-loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import balance_loss_from_assignments, router_z_loss
+
+__all__ = [
+    "ExpertChoiceRouter",
+    "Router",
+    "RouterOutput",
+    "TopKRouter",
+    "TopkRouter",
+    "capacity_keep_mask",
+]
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """Routing decisions for N tokens, as S slots.
+
+    Attributes:
+        logits: ``[N, E]`` router logits, float32 (float64 for float64 input).
+        probs: ``[N, E]`` scores (softmax or sigmoid of ``logits``), same dtype.
+        token_ids: ``[S]`` int64, the token (row of the flattened ``[N, D]`` input) each slot reads.
+        expert_ids: ``[S]`` int64, the expert each slot goes to.
+        weights: ``[S]`` the slot's combine weight, same dtype as ``logits``.
+        kept: ``[S]`` bool; False for slots dropped by capacity and for padding tokens' slots.
+            A slot that is not kept contributes zero to its token's output.
+        token_mask: ``[N]`` bool, False for padding, or None when there is no padding.
+        slots_per_token: K when slots are token-major (slot ``n*K + k`` is token n's k-th choice,
+            as for top-k routing), None otherwise (expert choice).
+        capacity: per-expert capacity C used for dropping (0-dim int64 tensor, or an int), or
+            None when dropless.
+        aux_losses: unweighted auxiliary losses by name (0-dim float32 tensors).
+        aux_loss: their weighted sum, the router's contribution to the training loss.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    token_ids: Tensor
+    expert_ids: Tensor
+    weights: Tensor
+    kept: Tensor
+    token_mask: Tensor | None
+    slots_per_token: int | None
+    capacity: Tensor | int | None
+    aux_losses: Mapping[str, Tensor] = field(default_factory=lambda: MappingProxyType({}))
+    aux_loss: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.logits.shape[-1])
+
+
+def _check_positive_int(name: str, value: object, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an integer in {bounds}, got {value}")
+    return value
+
+
+def _check_capacity_factor(value: object, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"capacity_factor: expected a positive float or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"capacity_factor: expected a finite value > 0, got {value}")
+    return float(value)
+
+
+def _check_coef(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    return float(value)
+
+
+def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_experts: int) -> Tensor:
+    """Which slots fit in their expert's capacity, filling in priority order.
+
+    Args:
+        expert_ids_KN: ``[K, N]`` int64 expert per slot in priority order (row-major: all first
+            choices by token position, then all second choices, as in GShard). Entries equal to
+            ``num_experts`` mark slots that take no capacity (padding).
+        capacity: per-expert capacity C.
+        num_experts: E.
+
+    Returns:
+        ``[K, N]`` bool, True where the slot is among the first C of its expert.
+
+    Sort-based (argsort by expert, rank within expert): O(S log S), no ``[S, E]`` one-hot.
+    """
+    ids_S = expert_ids_KN.reshape(-1)
+    order_S = torch.argsort(ids_S, stable=True)
+    counts = torch.bincount(ids_S, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, dim=0) - counts
+    rank_sorted_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts[ids_S[order_S]]
+    rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
+    keep_S = (rank_S < capacity) & (ids_S < num_experts)
+    return keep_S.reshape(expert_ids_KN.shape)
+
+
+class Router(nn.Module):
+    """Common base of routers: a float32 linear gate ``logits = x @ W^T`` over E experts.
+
+    Subclasses implement ``forward(x, attention_mask=None) -> RouterOutput`` where ``x`` is
+    ``[B, T, D]`` (or ``[N, D]``, one sequence) and ``attention_mask`` is ``[B, T]`` (1 = real).
+
+    ``is_causal`` says whether a token's routing depends only on that token (safe for
+    autoregressive models); ``MoELayer(causal=True)`` warns when it does not.
+    """
+
+    is_causal: bool = True
+
+    def __init__(self, dim: int, num_experts: int, init_std: float | None = None) -> None:
+        super().__init__()
+        self.dim = _check_positive_int("dim", dim)
+        self.num_experts = _check_positive_int("num_experts", num_experts)
+        self.capacity_factor: float | None = None
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        # small init: unit-variance logits make the first steps pick experts by noise and collapse
+        std = 0.02 if init_std is None else init_std
+        nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+
+    def _logits(self, x_ND: Tensor) -> Tensor:
+        """Router logits ``[N, E]`` in float32 (float64 for float64 input), also under autocast."""
+        dtype = torch.promote_types(x_ND.dtype, torch.float32)
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            return F.linear(x_ND.to(dtype), self.gate.weight.to(dtype))
+
+    def _check_input(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validate and return ``x`` as ``[B, T, D]`` and the mask as ``[B, T]`` bool or None."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x: expected shape [B, T, {self.dim}] or [N, {self.dim}], got {tuple(x.shape)}"
+            )
+        x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
+        if attention_mask is None:
+            return x_BTD, None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask: expected a Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.numel() != x_BTD.shape[0] * x_BTD.shape[1]:
+            raise ValueError(
+                f"attention_mask: expected shape {tuple(x.shape[:-1])} (1 = token, 0 = padding), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return x_BTD, attention_mask.reshape(x_BTD.shape[:2]).bool()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}"
+
+
+class TopKRouter(Router):
+    """Token-choice top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021; GShard).
+
+    Each token scores the E experts (``softmax`` or ``sigmoid`` of its logits) and goes to its
+    ``top_k`` best. With ``normalize_weights`` the k weights are rescaled to sum to 1 (Mixtral);
+    without, they are the raw scores (Switch top-1: then the router learns from the task loss;
+    with ``top_k=1`` normalising makes every weight 1, so the router learns only from aux losses).
+
+    ``capacity_factor=None`` is dropless. With a capacity factor ``cf`` each expert takes at most
+    ``C = ceil(cf * tokens * top_k / num_experts)`` slots, filled as in GShard: all first choices
+    in token order, then all second choices, and so on. Overflow slots are dropped for that
+    expert only (the token's output gets zero from that slot; the caller's residual carries it)
+    and are counted in the layer's ``stats``.
+
+    Aux losses (``RouterOutput.aux_losses``): ``load_balancing`` (Switch/GShard form, equals
+    ``top_k`` at perfect balance; for sigmoid scores the scores are normalised per token first)
+    weighted by ``balance_loss_coef``, and ``router_z`` weighted by ``z_loss_coef``.
+
+    Args:
+        dim: model dimension D.
+        num_experts: E.
+        top_k: slots per token, in ``[1, num_experts]``.
+        capacity_factor: None (dropless) or > 0.
+        score_func: ``"softmax"`` or ``"sigmoid"``.
+        normalize_weights: rescale the k chosen scores to sum to 1.
+        jitter_noise: Switch's multiplicative input jitter ``U(1-eps, 1+eps)``, training only.
+        balance_loss_coef: weight of the balance loss in ``aux_loss``.
+        z_loss_coef: weight of the z-loss in ``aux_loss``.
+        init_std: std of the router weight init (default 0.02).
+    """
+
+    is_causal = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        capacity_factor: float | None = None,
+        score_func: ScoreFunc = "softmax",
+        normalize_weights: bool = True,
+        jitter_noise: float = 0.0,
+        balance_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__(dim, num_experts, init_std)
+        self.top_k = _check_positive_int("top_k", top_k, 1, num_experts)
+        self.capacity_factor = _check_capacity_factor(capacity_factor)
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
+        self.score_func: ScoreFunc = score_func
+        self.normalize_weights = bool(normalize_weights)
+        jitter = _check_coef("jitter_noise", jitter_noise)
+        if jitter >= 1:
+            raise ValueError(f"jitter_noise: expected a value in [0, 1), got {jitter_noise}")
+        self.jitter_noise = jitter
+        self.balance_loss_coef = _check_coef("balance_loss_coef", balance_loss_coef)
+        self.z_loss_coef = _check_coef("z_loss_coef", z_loss_coef)
+        if top_k == 1 and normalize_weights and score_func == "softmax":
+            warnings.warn(
+                "TopKRouter(top_k=1, normalize_weights=True): every weight is 1, so the router "
+                "learns only from the aux losses; Switch-style top-1 uses normalize_weights=False",
+                stacklevel=2,
+            )
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
+        """Route ``x`` ``[B, T, D]`` or ``[N, D]``; ``attention_mask`` ``[B, T]`` (1 = real)."""
+        x_BTD, mask_BT = self._check_input(x, attention_mask)
+        x_ND = x_BTD.reshape(-1, self.dim)
+        num_tokens, num_experts, top_k = x_ND.shape[0], self.num_experts, self.top_k
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(x_ND).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
+            x_ND = x_ND * noise
+        logits_NE = self._logits(x_ND)
+        if self.score_func == "softmax":
+            probs_NE = logits_NE.softmax(dim=-1)
+            balance_probs_NE = probs_NE
+        else:
+            probs_NE = logits_NE.sigmoid()
+            balance_probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        topk_scores_NK, expert_ids_NK = probs_NE.topk(top_k, dim=-1)
+        weights_NK = topk_scores_NK
+        if self.normalize_weights:
+            weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        kept_NK = torch.ones_like(expert_ids_NK, dtype=torch.bool)
+        if mask_N is not None:
+            kept_NK = kept_NK & mask_N.unsqueeze(-1)
+        capacity: Tensor | int | None = None
+        if self.capacity_factor is not None:
+            real_tokens: Tensor | int = num_tokens if mask_N is None else mask_N.sum()
+            if isinstance(real_tokens, int):
+                capacity = math.ceil(self.capacity_factor * real_tokens * top_k / num_experts)
+            else:
+                capacity = torch.ceil(self.capacity_factor * real_tokens * top_k / num_experts)
+                capacity = capacity.long()
+            # padding slots take no capacity: give them the sentinel expert E
+            prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
+            kept_NK = capacity_keep_mask(prio_ids_KN, capacity, num_experts).T
+
+        aux_losses = {
+            "load_balancing": balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N),
+            "router_z": router_z_loss(logits_NE, mask_N),
+        }
+        weighted = (
+            self.balance_loss_coef * aux_losses["load_balancing"]
+            + self.z_loss_coef * aux_losses["router_z"]
+        )
+        token_ids_S = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+        return RouterOutput(
+            logits=logits_NE,
+            probs=probs_NE,
+            token_ids=token_ids_S,
+            expert_ids=expert_ids_NK.reshape(-1),
+            weights=weights_NK.reshape(-1),
+            kept=kept_NK.reshape(-1),
+            token_mask=mask_N,
+            slots_per_token=top_k,
+            capacity=capacity,
+            aux_losses=MappingProxyType(aux_losses),
+            aux_loss=weighted,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+            f"score_func={self.score_func!r}, normalize_weights={self.normalize_weights}"
+        )
+
+
+TopkRouter = TopKRouter
+"""Alias of :class:`TopKRouter` (the seed package's spelling)."""
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens.
+
+    Scores are a softmax over experts per token; then, *within each sequence*, expert e takes
+    the ``C = min(ceil(capacity_factor * T / E), T)`` tokens with the highest score for e, with
+    that score as the combine weight. A token may be picked by several experts or by none; a
+    token picked by none gets zero from the layer (the caller's residual carries it) and is
+    counted in the layer's stats as unrouted. Load is balanced by construction, so there is no
+    balance loss (``z_loss_coef`` adds the z-loss if wanted).
+
+    **Non-causal**: whether a token is picked depends on the other tokens of its sequence,
+    including later ones. Do not use it in an autoregressive decoder (``MoELayer(causal=True)``
+    warns) unless you accept train/inference mismatch.
+
+    Padding (``attention_mask``) is never picked; C is computed from the padded length T.
+
+    Args:
+        dim: model dimension D.
+        num_experts: E.
+        capacity_factor: average number of experts per token (C*E/T); the paper's EC-CF2 is 2.
+        z_loss_coef: weight of the z-loss in ``aux_loss`` (default 0).
+        init_std: std of the router weight init (default 0.02).
+    """
+
+    is_causal = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: float = 1.0,
+        *,
+        z_loss_coef: float = 0.0,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__(dim, num_experts, init_std)
+        self.capacity_factor = _check_capacity_factor(capacity_factor, allow_none=False)
+        self.z_loss_coef = _check_coef("z_loss_coef", z_loss_coef)
+
+    def capacity(self, seq_len: int) -> int:
+        """Tokens each expert takes from a sequence of ``seq_len`` tokens."""
+        assert self.capacity_factor is not None
+        return min(math.ceil(self.capacity_factor * seq_len / self.num_experts), seq_len)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> RouterOutput:
+        """Route ``x`` ``[B, T, D]`` (or ``[N, D]``: one sequence); mask ``[B, T]`` (1 = real)."""
+        x_BTD, mask_BT = self._check_input(x, attention_mask)
+        batch, seq_len, _ = x_BTD.shape
+        num_experts = self.num_experts
+        capacity = self.capacity(seq_len)
+
+        logits_NE = self._logits(x_BTD.reshape(-1, self.dim))
+        probs_NE = logits_NE.softmax(dim=-1)
+        probs_BET = probs_NE.reshape(batch, seq_len, num_experts).transpose(1, 2)
+        select_BET = probs_BET
+        if mask_BT is not None:
+            # -1 < any probability: padding is never picked while real tokens remain
+            select_BET = probs_BET.masked_fill(~mask_BT.unsqueeze(1), -1.0)
+        _, token_idx_BEC = select_BET.topk(capacity, dim=-1)
+        weights_BEC = probs_BET.gather(-1, token_idx_BEC)
+
+        row_offset_B11 = (torch.arange(batch, device=x.device) * seq_len).view(batch, 1, 1)
+        token_ids_BEC = token_idx_BEC + row_offset_B11
+        expert_ids_BEC = torch.arange(num_experts, device=x.device).view(1, -1, 1)
+        expert_ids_BEC = expert_ids_BEC.expand_as(token_ids_BEC)
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+        if mask_N is None:
+            kept_BEC = torch.ones_like(token_ids_BEC, dtype=torch.bool)
+        else:
+            kept_BEC = mask_N[token_ids_BEC]
+
+        aux_losses = {"router_z": router_z_loss(logits_NE, mask_N)}
+        return RouterOutput(
+            logits=logits_NE,
+            probs=probs_NE,
+            token_ids=token_ids_BEC.reshape(-1),
+            expert_ids=expert_ids_BEC.reshape(-1),
+            weights=weights_BEC.reshape(-1),
+            kept=kept_BEC.reshape(-1),
+            token_mask=mask_N,
+            slots_per_token=None,
+            capacity=capacity,
+            aux_losses=MappingProxyType(aux_losses),
+            aux_loss=self.z_loss_coef * aux_losses["router_z"],
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"

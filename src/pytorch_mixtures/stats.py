@@ -1,0 +1,87 @@
+"""Routing telemetry: what the router did in a layer's last forward.
+
+All fields are tensors computed on the routing device without host syncs; reading a value
+(``float(stats.dropped_fraction)``) is what syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .dispatch import DispatchPlan
+from .routing import RouterOutput
+
+__all__ = ["RoutingStats", "routing_stats_from"]
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Routing statistics of one forward.
+
+    Attributes:
+        tokens_per_expert: ``[E]`` int64, slots each expert processed (after drops).
+        num_tokens: 0-dim int64, real (non-padding) tokens routed.
+        requested_slots: 0-dim int64, slots the router asked for (``num_tokens * top_k`` for
+            top-k; for expert choice, the real-token slots the experts picked).
+        dropped_slots: 0-dim int64, requested slots dropped by capacity.
+        unrouted_tokens: 0-dim int64, real tokens with no kept slot (their layer output is 0).
+        token_choice: True for token-choice routing (top-k), False for expert choice.
+    """
+
+    tokens_per_expert: Tensor
+    num_tokens: Tensor
+    requested_slots: Tensor
+    dropped_slots: Tensor
+    unrouted_tokens: Tensor
+    token_choice: bool = True
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        """0-dim float: the share of routing lost to capacity.
+
+        Token choice: dropped slots / requested slots (0 when dropless). Expert choice, where
+        no requested slot is dropped: the fraction of tokens that no expert picked.
+        """
+        if not self.token_choice:
+            return self.unrouted_fraction
+        return self.dropped_slots.float() / self.requested_slots.clamp_min(1).float()
+
+    @property
+    def unrouted_fraction(self) -> Tensor:
+        """0-dim float: fraction of real tokens that got no expert at all."""
+        return self.unrouted_tokens.float() / self.num_tokens.clamp_min(1).float()
+
+    @property
+    def load_imbalance(self) -> Tensor:
+        """0-dim float: max over mean of ``tokens_per_expert`` (1.0 is perfect balance)."""
+        load_E = self.tokens_per_expert.float()
+        return load_E.max() / load_E.mean().clamp_min(1e-9)
+
+
+def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
+    """Statistics of one routing and its dispatch plan."""
+    num_tokens = route.num_tokens
+    if route.token_mask is None:
+        real_tokens = torch.tensor(num_tokens, device=route.kept.device)
+        real_slots_S = torch.ones_like(route.kept)
+    else:
+        real_tokens = route.token_mask.sum()
+        real_slots_S = route.token_mask[route.token_ids]
+    requested = real_slots_S.sum()
+    dropped = (real_slots_S & ~route.kept).sum()
+    kept_per_token_N = torch.zeros(num_tokens, dtype=torch.long, device=route.kept.device)
+    kept_per_token_N.index_add_(0, route.token_ids, route.kept.long())
+    unrouted_N = kept_per_token_N.eq(0)
+    if route.token_mask is not None:
+        unrouted_N = unrouted_N & route.token_mask
+    return RoutingStats(
+        tokens_per_expert=plan.tokens_per_expert.detach(),
+        num_tokens=real_tokens,
+        requested_slots=requested,
+        dropped_slots=dropped,
+        unrouted_tokens=unrouted_N.sum(),
+        token_choice=route.slots_per_token is not None,
+    )

@@ -1,0 +1,350 @@
+"""MoELayer against the naive per-token references, forward and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive import expert_fns, naive_expert_choice_moe, naive_topk_moe
+from torch import nn
+
+import pytorch_mixtures as pm
+
+DIM, EXPERTS, HIDDEN = 6, 4, 10
+
+
+def make_experts(kind: str, num_experts: int = EXPERTS) -> nn.Module | list[nn.Module]:
+    if kind == "mlp":
+        return pm.MLPExperts(num_experts, DIM, HIDDEN)
+    if kind == "swiglu":
+        return pm.SwiGLUExperts(num_experts, DIM, HIDDEN)
+    return [
+        nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM))
+        for _ in range(num_experts)
+    ]
+
+
+def grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in tensors]
+
+
+def run_and_grad(fn, x: torch.Tensor, params: list[torch.Tensor], seed: int = 0):
+    """Output of fn(x) and gradients of a random projection of it w.r.t. x and params."""
+    for p in [x, *params]:
+        p.grad = None
+    out = fn(x)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (out * probe).sum().backward()
+    return out.detach(), grads([x, *params])
+
+
+TOPK_CASES = [
+    # top_k, score_func, normalize, capacity_factor, experts
+    (1, "softmax", False, None, "mlp"),
+    (2, "softmax", True, None, "swiglu"),
+    (EXPERTS, "softmax", True, None, "mlp"),
+    (2, "sigmoid", True, None, "swiglu"),
+    (2, "sigmoid", False, None, "list"),
+    (2, "softmax", False, None, "list"),
+    (1, "softmax", False, 0.5, "mlp"),
+    (2, "softmax", True, 0.75, "swiglu"),
+    (3, "sigmoid", True, 0.6, "list"),
+]
+
+
+@pytest.mark.parametrize(("top_k", "score_func", "normalize", "capacity_factor", "kind"), TOPK_CASES)
+def test_topk_layer_matches_naive_reference(top_k, score_func, normalize, capacity_factor, kind):
+    torch.manual_seed(top_k * 7 + (capacity_factor is not None))
+    router = pm.TopKRouter(
+        DIM,
+        EXPERTS,
+        top_k,
+        capacity_factor=capacity_factor,
+        score_func=score_func,
+        normalize_weights=normalize,
+        init_std=1.0,  # sharp routing, so drops and choices are exercised
+    )
+    moe = pm.MoELayer(DIM, router, make_experts(kind)).double()
+    x = torch.randn(3, 7, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+
+    y, g = run_and_grad(moe, x, params)
+
+    fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+
+    def reference(inp: torch.Tensor) -> torch.Tensor:
+        out, _ = naive_topk_moe(
+            inp.reshape(-1, DIM),
+            router.gate.weight,
+            fns,
+            top_k,
+            score_func=score_func,
+            normalize=normalize,
+            capacity_factor=capacity_factor,
+        )
+        return out.reshape(inp.shape)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_capacity_drops_exactly_the_reference_set(top_k):
+    torch.manual_seed(11 + top_k)
+    router = pm.TopKRouter(DIM, EXPERTS, top_k, capacity_factor=0.5, init_std=2.0)
+    moe = pm.MoELayer(router=router, experts=make_experts("mlp")).double()
+    x = torch.randn(2, 9, DIM, dtype=torch.float64)
+    route = router(x)
+    _, dropped = naive_topk_moe(
+        x.reshape(-1, DIM),
+        router.gate.weight,
+        expert_fns(moe.experts),
+        top_k,
+        capacity_factor=0.5,
+    )
+    got = {(s // top_k, s % top_k) for s in (~route.kept).nonzero().flatten().tolist()}
+    assert dropped, "the case must drop something to test dropping"
+    assert got == dropped
+    moe(x)
+    assert moe.stats is not None
+    assert int(moe.stats.dropped_slots) == len(dropped)
+    assert float(moe.stats.dropped_fraction) == pytest.approx(len(dropped) / (18 * top_k))
+    capacity = -(-0.5 * 18 * top_k // EXPERTS)
+    assert int(moe.stats.tokens_per_expert.max()) <= capacity
+    assert int(moe.stats.tokens_per_expert.sum()) == 18 * top_k - len(dropped)
+
+
+@pytest.mark.parametrize(("capacity_factor", "kind"), [(1.0, "mlp"), (2.0, "list"), (0.5, "swiglu")])
+def test_expert_choice_matches_naive_reference(capacity_factor, kind):
+    torch.manual_seed(5)
+    router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity_factor, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts(kind)).double()
+    x = torch.randn(3, 8, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+    y, g = run_and_grad(moe, x, params)
+    fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+    unrouted_box: list[int] = []
+
+    def reference(inp: torch.Tensor) -> torch.Tensor:
+        out, unrouted = naive_expert_choice_moe(inp, router.gate.weight, fns, capacity_factor)
+        unrouted_box.append(unrouted)
+        return out
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert moe.stats is not None
+    assert int(moe.stats.unrouted_tokens) == unrouted_box[0]
+    capacity = router.capacity(8)
+    assert moe.stats.tokens_per_expert.tolist() == [3 * capacity] * EXPERTS
+    if capacity_factor < 1:
+        assert unrouted_box[0] > 0, "capacity 0.5 must leave tokens unrouted"
+        assert float(moe.stats.dropped_fraction) == pytest.approx(unrouted_box[0] / 24)
+
+
+def test_expert_choice_routes_within_each_sequence():
+    """Batching sequences together must not change any sequence's routing."""
+    torch.manual_seed(0)
+    moe = pm.MoELayer(router=pm.ExpertChoiceRouter(DIM, EXPERTS), experts=make_experts("mlp"))
+    x = torch.randn(4, 8, DIM)
+    together = moe(x)
+    alone = torch.cat([moe(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_stacked_and_module_list_experts_agree(kind):
+    torch.manual_seed(3)
+    stacked = make_experts(kind)
+    assert isinstance(stacked, (pm.MLPExperts, pm.SwiGLUExperts))
+    modules: list[nn.Module] = []
+    for e in range(EXPERTS):
+        if isinstance(stacked, pm.MLPExperts):
+            up, down = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+            with torch.no_grad():
+                up.weight.copy_(stacked.w_in[e].T)
+                up.bias.copy_(stacked.b_in[e])
+                down.weight.copy_(stacked.w_out[e].T)
+                down.bias.copy_(stacked.b_out[e])
+            modules.append(nn.Sequential(up, nn.GELU(), down))
+        else:
+            modules.append(SwiGLU(stacked.w_gate_up[e], stacked.w_down[e]))
+    router = pm.TopKRouter(DIM, EXPERTS, 2)
+    router_copy = pm.TopKRouter(DIM, EXPERTS, 2)
+    router_copy.load_state_dict(router.state_dict())
+    a = pm.MoELayer(DIM, router, stacked)
+    b = pm.MoELayer(DIM, router_copy, modules)
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    ya, ga = run_and_grad(a, x, [router.gate.weight])
+    yb, gb = run_and_grad(b, x, [router_copy.gate.weight])
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ga, gb, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        super().__init__()
+        hidden = w_down.shape[0]
+        self.gate = nn.Linear(DIM, hidden, bias=False)
+        self.up = nn.Linear(DIM, hidden, bias=False)
+        self.down = nn.Linear(hidden, DIM, bias=False)
+        with torch.no_grad():
+            self.gate.weight.copy_(w_gate_up[:, :hidden].T)
+            self.up.weight.copy_(w_gate_up[:, hidden:].T)
+            self.down.weight.copy_(w_down.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_input_shapes_and_dtype_preserved():
+    moe = pm.MoELayer(router=pm.TopKRouter(DIM, EXPERTS), experts=make_experts("swiglu"))
+    for shape in [(DIM,), (5, DIM), (2, 5, DIM), (2, 3, 4, DIM)]:
+        x = torch.randn(shape)
+        assert moe(x).shape == x.shape
+    flat = torch.randn(12, DIM)
+    torch.testing.assert_close(moe(flat.view(2, 2, 3, DIM)).reshape(12, DIM), moe(flat))
+
+
+def test_empty_batch_returns_empty_output():
+    moe = pm.MoELayer(router=pm.TopKRouter(DIM, EXPERTS), experts=make_experts("mlp"))
+    x = torch.randn(0, 5, DIM, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (0, 5, DIM)
+    y.sum().backward()
+    assert moe.stats is not None and int(moe.stats.num_tokens) == 0
+    assert float(moe.aux_loss) == 0.0
+
+
+def test_padding_is_not_routed_and_does_not_change_real_tokens():
+    torch.manual_seed(1)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=None)
+    moe = pm.MoELayer(DIM, router, make_experts("mlp"))
+    x = torch.randn(2, 6, DIM)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    y = moe(x, attention_mask=mask)
+    assert moe.stats is not None
+    assert int(moe.stats.num_tokens) == 10
+    assert int(moe.stats.tokens_per_expert.sum()) == 20
+    masked_losses = dict(moe.aux_losses)
+    assert torch.equal(y[0, 4:], torch.zeros(2, DIM))
+    torch.testing.assert_close(y[0, :4], moe(x[0:1, :4])[0])
+    # padded tokens must not reach the losses: equal to the losses of the real tokens alone
+    real_logits = router.gate(torch.cat([x[0, :4], x[1]])).detach()
+    torch.testing.assert_close(
+        masked_losses["router_z"], pm.losses.router_z_loss(real_logits), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        masked_losses["load_balancing"],
+        pm.losses.load_balancing_loss(real_logits, EXPERTS, 2),
+        rtol=1e-6,
+        atol=0,
+    )
+
+
+def test_capacity_with_padding_counts_only_real_tokens():
+    torch.manual_seed(2)
+    router = pm.TopKRouter(DIM, EXPERTS, 1, capacity_factor=1.0, normalize_weights=False)
+    moe = pm.MoELayer(DIM, router, make_experts("mlp")).double()
+    x = torch.randn(1, 8, DIM, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    y = moe(x, attention_mask=mask)
+    ref, dropped = naive_topk_moe(
+        x[0],
+        router.gate.weight,
+        expert_fns(moe.experts),
+        1,
+        normalize=False,
+        capacity_factor=1.0,
+        token_mask=mask[0].tolist(),
+    )
+    torch.testing.assert_close(y[0], ref)
+    assert moe.stats is not None
+    assert int(moe.stats.dropped_slots) == len(dropped)
+    assert int(moe.stats.requested_slots) == 5
+
+
+def test_layer_capacity_factor_overrides_router():
+    router = pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=None)
+    pm.MoELayer(DIM, router, make_experts("mlp"), 1.25)
+    assert router.capacity_factor == 1.25
+    ec = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity_factor=1.0)
+    pm.MoELayer(DIM, ec, make_experts("mlp"), capacity_factor=2.0)
+    assert ec.capacity(8) == 4
+
+
+def test_aux_loss_reaches_the_router_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(DIM, DIM),
+        pm.MoELayer(router=pm.TopKRouter(DIM, EXPERTS, 2), experts=make_experts("swiglu")),
+    )
+    assert float(pm.aux_loss(model)) == 0.0  # before any forward
+    model(torch.randn(3, 4, DIM))
+    total = pm.aux_loss(model)
+    moe = model[1]
+    assert total.dim() == 0 and total.requires_grad
+    expected = 0.01 * moe.aux_losses["load_balancing"] + 0.001 * moe.aux_losses["router_z"]
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert moe.router.gate.weight.grad is not None
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in moe.experts.parameters())
+
+
+def test_aux_loss_sums_over_layers():
+    layers = [
+        pm.MoELayer(router=pm.TopKRouter(DIM, EXPERTS, 2), experts=make_experts("mlp"))
+        for _ in range(3)
+    ]
+    model = nn.Sequential(*layers)
+    model(torch.randn(2, 3, DIM))
+    torch.testing.assert_close(pm.aux_loss(model), sum(m.aux_loss for m in layers))
+
+
+def test_router_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    router = pm.TopKRouter(DIM, EXPERTS, 2)
+    moe = pm.MoELayer(DIM, router, make_experts("swiglu"))
+    x = torch.randn(2, 5, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        route = router(x)
+        y = moe(x.bfloat16())
+    assert route.logits.dtype == torch.float32
+    assert route.weights.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(route.logits, router(x).logits)
+
+
+def test_deterministic_across_runs():
+    def once() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(123)
+        moe = pm.MoELayer(
+            router=pm.ExpertChoiceRouter(DIM, EXPERTS, 2.0), experts=make_experts("mlp")
+        )
+        x = torch.randn(4, 16, DIM, requires_grad=True)
+        moe(x).square().sum().backward()
+        assert x.grad is not None
+        return moe(x).detach(), x.grad
+
+    (y1, g1), (y2, g2) = once(), once()
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
+def test_jitter_noise_only_in_training():
+    torch.manual_seed(0)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, jitter_noise=0.5)
+    x = torch.randn(4, DIM)
+    router.eval()
+    torch.testing.assert_close(router(x).logits, router(x).logits)
+    router.train()
+    assert not torch.equal(router(x).logits, router(x).logits)
+
+
+def test_router_init_is_small():
+    router = pm.TopKRouter(512, 8)
+    assert float(router.gate.weight.std()) < 0.05
