@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive import expert_fns, naive_expert_choice_moe, naive_topk_moe
 from torch import nn
 
 import pytorch_mixtures as pm
+from naive import expert_fns, naive_expert_choice_moe, naive_topk_moe
 
 DIM, EXPERTS, HIDDEN = 6, 4, 10
 
@@ -51,7 +51,9 @@ TOPK_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("top_k", "score_func", "normalize", "capacity_factor", "kind"), TOPK_CASES)
+@pytest.mark.parametrize(
+    ("top_k", "score_func", "normalize", "capacity_factor", "kind"), TOPK_CASES
+)
 def test_topk_layer_matches_naive_reference(top_k, score_func, normalize, capacity_factor, kind):
     torch.manual_seed(top_k * 7 + (capacity_factor is not None))
     router = pm.TopKRouter(
@@ -115,7 +117,9 @@ def test_capacity_drops_exactly_the_reference_set(top_k):
     assert int(moe.stats.tokens_per_expert.sum()) == 18 * top_k - len(dropped)
 
 
-@pytest.mark.parametrize(("capacity_factor", "kind"), [(1.0, "mlp"), (2.0, "list"), (0.5, "swiglu")])
+@pytest.mark.parametrize(
+    ("capacity_factor", "kind"), [(1.0, "mlp"), (2.0, "list"), (0.5, "swiglu")]
+)
 def test_expert_choice_matches_naive_reference(capacity_factor, kind):
     torch.manual_seed(5)
     router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity_factor, init_std=1.0)

@@ -14,7 +14,7 @@ from . import dispatch, experts, losses, routing, stats
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
 from .moe_layer import MoELayer
-from .routing import ExpertChoiceRouter, Router, RouterOutput, TopkRouter, TopKRouter
+from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
 from .stats import RoutingStats
 from .utils import MHSA
 

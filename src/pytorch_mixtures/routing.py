@@ -161,7 +161,9 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             return F.linear(x_ND.to(dtype), self.gate.weight.to(dtype))
 
-    def _check_input(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _check_input(
+        self, x: Tensor, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """Validate and return ``x`` as ``[B, T, D]`` and the mask as ``[B, T]`` bool or None."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
@@ -175,7 +177,9 @@ class Router(nn.Module):
         if attention_mask is None:
             return x_BTD, None
         if not isinstance(attention_mask, Tensor):
-            raise TypeError(f"attention_mask: expected a Tensor, got {type(attention_mask).__name__}")
+            raise TypeError(
+                f"attention_mask: expected a Tensor, got {type(attention_mask).__name__}"
+            )
         if attention_mask.numel() != x_BTD.shape[0] * x_BTD.shape[1]:
             raise ValueError(
                 f"attention_mask: expected shape {tuple(x.shape[:-1])} (1 = token, 0 = padding), "
@@ -293,7 +297,9 @@ class TopKRouter(Router):
             kept_NK = capacity_keep_mask(prio_ids_KN, capacity, num_experts).T
 
         aux_losses = {
-            "load_balancing": balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N),
+            "load_balancing": balance_loss_from_assignments(
+                balance_probs_NE, expert_ids_NK, mask_N
+            ),
             "router_z": router_z_loss(logits_NE, mask_N),
         }
         weighted = (

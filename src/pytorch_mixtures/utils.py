@@ -24,7 +24,12 @@ class MHSA(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, causal: bool = False, dropout: float = 0.0, bias: bool = True
+        self,
+        dim: int,
+        num_heads: int,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
@@ -62,4 +67,5 @@ class MHSA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
             # rows with no allowed key (padding queries) come out NaN: zero them, don't multiply
             out = torch.where(keep_BT[:, None, :, None], out, 0.0)
-        return self.proj(out.transpose(1, 2).reshape(batch, seq_len, self.dim))
+        out_BTD: Tensor = self.proj(out.transpose(1, 2).reshape(batch, seq_len, self.dim))
+        return out_BTD
