@@ -43,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    from .bench import add_bench_arguments, run_bench_cli
+
+    bench = sub.add_parser("bench", help="MoE vs dense-equivalent speed/memory ratio table")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench_cli)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -28,11 +28,15 @@ class DispatchPlan:
             grouped by expert in increasing expert id; dropped slots follow.
         tokens_per_expert: ``[E]`` int64, kept rows per expert (row counts of the groups).
         num_kept: 0-dim int64 tensor, ``tokens_per_expert.sum()``.
+        max_rows_per_expert: a static upper bound on every ``tokens_per_expert`` entry when the
+            routing has a fixed capacity (top-k with an int capacity: ``min(C, N)``; expert
+            choice: ``S // E``), else None. Lets experts use padded ``[E, C, D]`` batches.
     """
 
     order: Tensor
     tokens_per_expert: Tensor
     num_kept: Tensor
+    max_rows_per_expert: int | None = None
 
 
 def plan_dispatch(route: RouterOutput) -> DispatchPlan:
@@ -40,9 +44,22 @@ def plan_dispatch(route: RouterOutput) -> DispatchPlan:
     num_experts = route.num_experts
     sort_key_S = torch.where(route.kept, route.expert_ids, num_experts)
     order_S = torch.argsort(sort_key_S, stable=True)
-    counts_E1 = torch.bincount(sort_key_S, minlength=num_experts + 1)
+    # scatter_add, not bincount: a static output shape keeps torch.compile graphs whole
+    ones_S = torch.ones_like(sort_key_S)
+    counts_E1 = sort_key_S.new_zeros(num_experts + 1).scatter_add_(0, sort_key_S, ones_S)
     tokens_per_expert_E = counts_E1[:num_experts]
-    return DispatchPlan(order_S, tokens_per_expert_E, tokens_per_expert_E.sum())
+    return DispatchPlan(
+        order_S, tokens_per_expert_E, tokens_per_expert_E.sum(), _max_rows_per_expert(route)
+    )
+
+
+def _max_rows_per_expert(route: RouterOutput) -> int | None:
+    if not isinstance(route.capacity, int):
+        return None  # dropless, or a capacity only known on the device
+    if route.slots_per_token is None:  # expert choice: exactly S / E slots per expert
+        return int(route.token_ids.shape[0]) // route.num_experts
+    # top-k picks distinct experts, so an expert holds at most one slot per token
+    return min(route.capacity, route.num_tokens)
 
 
 def permute(x_ND: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:

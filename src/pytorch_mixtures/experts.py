@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import Backend, check_backend, group_rows, resolve_backend
+
 __all__ = ["ExpertsBase", "MLPExperts", "ModuleListExperts", "SwiGLUExperts", "as_experts"]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -60,12 +62,26 @@ class ExpertsBase(nn.Module):
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    def _check_counts(self, tokens_per_expert_E: Tensor) -> None:
         if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
                 f"tokens_per_expert: expected shape ({self.num_experts},), "
                 f"got {tuple(tokens_per_expert_E.shape)}"
             )
+
+    def forward(
+        self,
+        x_SD: Tensor,
+        tokens_per_expert_E: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+    ) -> Tensor:
+        """``[S, D]`` expert-sorted rows -> ``[S, D]`` outputs (padding rows zero).
+
+        ``max_rows_per_expert`` (C) is an upper bound on every count, known in capacity mode;
+        stacked experts use it for the padded ``bmm`` backend, this loop ignores it.
+        """
+        self._check_counts(tokens_per_expert_E)
         bounds = _group_bounds(tokens_per_expert_E)
         if bounds[-1] > x_SD.shape[0]:
             raise ValueError(
@@ -98,6 +114,9 @@ class MLPExperts(ExpertsBase):
         hidden_dim: H.
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
         bias: whether the two projections have biases.
+        backend: grouped-matmul backend, ``"auto"`` (default), ``"loop"``, ``"grouped_mm"``
+            or ``"bmm"`` (see :mod:`pytorch_mixtures.backends`); may be changed later by
+            assigning ``experts.backend``.
     """
 
     def __init__(
@@ -108,8 +127,10 @@ class MLPExperts(ExpertsBase):
         activation: str = "gelu",
         *,
         bias: bool = True,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
+        self.backend: Backend = check_backend(backend)
         self.num_experts = _check_int("num_experts", num_experts)
         self.dim = _check_int("dim", dim)
         self.hidden_dim = _check_int("hidden_dim", hidden_dim)
@@ -132,6 +153,19 @@ class MLPExperts(ExpertsBase):
             _init_stacked(self.b_in, self.dim)
             _init_stacked(self.b_out, self.hidden_dim)
 
+    def forward(
+        self,
+        x_SD: Tensor,
+        tokens_per_expert_E: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+    ) -> Tensor:
+        self._check_counts(tokens_per_expert_E)
+        backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_in.dtype)
+        rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
+        hidden = rows.linear(self.w_in, self.b_in).map(self._act)
+        return hidden.linear(self.w_out, self.b_out).rows()
+
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         h_nH = x_nD @ self.w_in[expert]
         if self.b_in is not None:
@@ -144,7 +178,8 @@ class MLPExperts(ExpertsBase):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-            f"activation={self.activation!r}, bias={self.b_in is not None}"
+            f"activation={self.activation!r}, bias={self.b_in is not None}, "
+            f"backend={self.backend!r}"
         )
 
 
@@ -158,10 +193,16 @@ class SwiGLUExperts(ExpertsBase):
         num_experts: E.
         dim: D.
         hidden_dim: H.
+        backend: grouped-matmul backend, ``"auto"`` (default), ``"loop"``, ``"grouped_mm"``
+            or ``"bmm"`` (see :mod:`pytorch_mixtures.backends`); may be changed later by
+            assigning ``experts.backend``.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
+    def __init__(
+        self, num_experts: int, dim: int, hidden_dim: int, *, backend: Backend = "auto"
+    ) -> None:
         super().__init__()
+        self.backend: Backend = check_backend(backend)
         self.num_experts = _check_int("num_experts", num_experts)
         self.dim = _check_int("dim", dim)
         self.hidden_dim = _check_int("hidden_dim", hidden_dim)
@@ -173,12 +214,32 @@ class SwiGLUExperts(ExpertsBase):
         _init_stacked(self.w_gate_up, self.dim)
         _init_stacked(self.w_down, self.hidden_dim)
 
+    def forward(
+        self,
+        x_SD: Tensor,
+        tokens_per_expert_E: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+    ) -> Tensor:
+        self._check_counts(tokens_per_expert_E)
+        backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
+        rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
+        hidden = rows.linear(self.w_gate_up).map(self._swiglu)
+        return hidden.linear(self.w_down).rows()
+
+    def _swiglu(self, gate_up_n2H: Tensor) -> Tensor:
+        gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)
+        return F.silu(gate_nH) * up_nH
+
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         gate_nH, up_nH = (x_nD @ self.w_gate_up[expert]).chunk(2, dim=-1)
         return (F.silu(gate_nH) * up_nH) @ self.w_down[expert]
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class ModuleListExperts(ExpertsBase):

@@ -149,7 +149,9 @@ class MoELayer(AuxLossModule):
         route = self.router(x_BTD, mask_BT)
         plan = dispatch.plan_dispatch(route)
         x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
-        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert)
+        y_sorted_SD = self.experts(
+            x_sorted_SD, plan.tokens_per_expert, max_rows_per_expert=plan.max_rows_per_expert
+        )
         y_ND = dispatch.combine(y_sorted_SD, route, plan)
 
         self._set_aux(route.aux_loss, dict(route.aux_losses))

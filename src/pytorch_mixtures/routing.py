@@ -125,7 +125,8 @@ def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_expert
     """
     ids_S = expert_ids_KN.reshape(-1)
     order_S = torch.argsort(ids_S, stable=True)
-    counts = torch.bincount(ids_S, minlength=num_experts + 1)
+    # scatter_add, not bincount: a static output shape keeps torch.compile graphs whole
+    counts = ids_S.new_zeros(num_experts + 1).scatter_add_(0, ids_S, torch.ones_like(ids_S))
     starts = torch.cumsum(counts, dim=0) - counts
     rank_sorted_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts[ids_S[order_S]]
     rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)

@@ -1,0 +1,448 @@
+"""Side-by-side benchmark of MoELayer against its dense references (DESIGN §4).
+
+Every candidate runs on the same input in the same process, interleaved, after warm-up; each
+repetition gives a ratio ``candidate time / dense-equivalent time`` and the table shows the
+median of those pairwise ratios (this kind of machine is shared and noisy: absolute
+milliseconds mean little, ratios from one run mean a lot).
+
+Candidates:
+
+* ``moe[<backend>]``: this library's ``MoELayer`` (top-k router + ``SwiGLUExperts``), dropless,
+  one row per backend; ``moe[bmm] cf=1.25``: capacity mode with the padded batched backend.
+* ``naive masked loop``: the per-expert loop over a token mask that most MoE code copies
+  (Hugging Face's eager Mixtral experts): written here as the baseline users start from.
+* ``hf mixtral``: ``transformers``' ``MixtralSparseMoeBlock``, only when ``transformers`` is
+  importable.
+* ``dense-equivalent``: every token through one SwiGLU of hidden ``top_k * H`` (what a dense
+  model of equal active compute costs). The ratio column is against it.
+* ``shape limit``: one expert-shaped SwiGLU (hidden H) over ``tokens * top_k`` rows: the
+  experts' matmuls with zero routing overhead.
+
+Peak memory: each candidate does one forward+backward in a fresh subprocess; reported is the
+peak RSS above the process's RSS after building the layer, its input and zeroed gradient
+buffers (so it measures activations and temporaries, not the MoE's E/top_k times larger
+weights), as a ratio to the dense-equivalent's.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D dim, E experts, H expert hidden, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import grouped_mm_available
+
+__all__ = [
+    "CONFIGS",
+    "BenchConfig",
+    "BenchResult",
+    "add_bench_arguments",
+    "build_candidates",
+    "run_bench",
+    "run_bench_cli",
+]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark shape: ``batch * seq`` tokens of ``dim``, E SwiGLU experts of hidden H."""
+
+    name: str
+    batch: int
+    seq: int
+    dim: int
+    num_experts: int
+    hidden: int
+    top_k: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    "std": BenchConfig("std", 8, 512, 512, 8, 1024, 2),
+    "fine": BenchConfig("fine", 8, 512, 512, 64, 256, 8),
+    # a few-second smoke configuration (tests, quick checks)
+    "tiny": BenchConfig("tiny", 2, 32, 32, 8, 16, 2),
+}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Ratios of one config: candidate name -> median ratio to the dense-equivalent.
+
+    ``fwd_ms``/``fwd_bwd_ms`` are medians in milliseconds (for orientation only);
+    ``memory_ratio`` is peak activation RSS over the dense-equivalent's (None when skipped).
+    """
+
+    config: BenchConfig
+    fwd_ratio: dict[str, float]
+    fwd_bwd_ratio: dict[str, float]
+    fwd_ms: dict[str, float]
+    fwd_bwd_ms: dict[str, float]
+    memory_ratio: dict[str, float] = field(default_factory=dict)
+    memory_mib: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN ``(silu(x W_g) * x W_u) W_d``: ``[n, D] -> [n, D]``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        out: Tensor = self.down(F.silu(gate) * up)
+        return out
+
+
+class NaiveMaskedLoopMoE(nn.Module):
+    """The copy-paste MoE: a softmax top-k gate and a Python loop over experts with a token mask.
+
+    Written the way Hugging Face's eager Mixtral block does it (one-hot expert mask, ``where``
+    per expert, ``index_add_``): the baseline this library is measured against.
+    """
+
+    def __init__(self, dim: int, num_experts: int, hidden: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(num_experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_ND = x.reshape(-1, x.shape[-1])
+        probs_NE = self.gate(x_ND).softmax(dim=-1)
+        weights_NK, ids_NK = probs_NE.topk(self.top_k, dim=-1)
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        out_ND = torch.zeros_like(x_ND)
+        mask_EKN = F.one_hot(ids_NK, len(self.experts)).permute(2, 1, 0)
+        for expert, module in enumerate(self.experts):
+            slot, token = torch.where(mask_EKN[expert])
+            y = module(x_ND[token]) * weights_NK[token, slot, None]
+            out_ND.index_add_(0, token, y)
+        return out_ND.reshape(x.shape)
+
+
+class _RowsRepeated(nn.Module):
+    """Shape limit: one expert-shaped SwiGLU over ``tokens * top_k`` rows."""
+
+    def __init__(self, dim: int, hidden: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.ffn = SwiGLU(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).repeat_interleave(self.top_k, dim=0)
+        out: Tensor = self.ffn(rows)
+        return out
+
+
+def _hf_mixtral(config: BenchConfig) -> nn.Module:
+    from transformers import MixtralConfig  # optional extra, imported only here
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    hf_config = MixtralConfig(
+        hidden_size=config.dim,
+        intermediate_size=config.hidden,
+        num_local_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+    )
+    block: nn.Module = MixtralSparseMoeBlock(hf_config)
+    return block
+
+
+class _FirstOutput(nn.Module):
+    """Wraps a module that returns a tuple (Hugging Face's block returns (y, logits))."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        result: Tensor = out[0] if isinstance(out, tuple) else out
+        return result
+
+
+def _moe(config: BenchConfig, backend: str, capacity_factor: float | None = None) -> nn.Module:
+    from . import MoELayer, SwiGLUExperts, TopKRouter
+
+    router = TopKRouter(
+        config.dim, config.num_experts, config.top_k, capacity_factor=capacity_factor
+    )
+    experts = SwiGLUExperts(config.num_experts, config.dim, config.hidden, backend=backend)  # type: ignore[arg-type]
+    return MoELayer(config.dim, router, experts)
+
+
+DENSE = "dense-equivalent"
+
+
+def build_candidates(
+    config: BenchConfig, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[dict[str, Callable[[], nn.Module]], dict[str, str]]:
+    """Candidate name -> constructor, and name -> reason for the ones skipped."""
+    makers: dict[str, Callable[[], nn.Module]] = {
+        DENSE: lambda: SwiGLU(config.dim, config.top_k * config.hidden),
+        "shape limit": lambda: _RowsRepeated(config.dim, config.hidden, config.top_k),
+        "moe[auto]": lambda: _moe(config, "auto"),
+        "moe[loop]": lambda: _moe(config, "loop"),
+    }
+    skipped: dict[str, str] = {}
+    if grouped_mm_available(torch.device(device), dtype):
+        makers["moe[grouped_mm]"] = lambda: _moe(config, "grouped_mm")
+    else:
+        skipped["moe[grouped_mm]"] = f"F.grouped_mm unavailable for {dtype} on {device}"
+    makers["moe[bmm] cf=1.25"] = lambda: _moe(config, "bmm", capacity_factor=1.25)
+    makers["naive masked loop"] = lambda: NaiveMaskedLoopMoE(
+        config.dim, config.num_experts, config.hidden, config.top_k
+    )
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        skipped["hf mixtral"] = "transformers not installed"
+    else:
+        makers["hf mixtral"] = lambda: _FirstOutput(_hf_mixtral(config))
+    return makers, skipped
+
+
+def _time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _median_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    dense = times[DENSE]
+    return {
+        name: statistics.median(t / d for t, d in zip(values, dense, strict=True))
+        for name, values in times.items()
+    }
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = 2,
+    memory: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    only: Sequence[str] | None = None,
+    seed: int = 0,
+) -> BenchResult:
+    """Time every candidate on ``config`` side by side; return median pairwise ratios.
+
+    Args:
+        config: the shape.
+        repeats: timed repetitions (each runs every candidate once, in rotating order).
+        warmup: untimed repetitions first.
+        threads: ``torch.set_num_threads`` value (None keeps torch's default).
+        memory: also measure peak RSS in fresh subprocesses (CPU only).
+        dtype: parameter and input dtype.
+        device: ``"cpu"`` or ``"cuda"``.
+        only: restrict to these candidate names (the dense-equivalent is always included).
+        seed: RNG seed for weights and input.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    makers, skipped = build_candidates(config, dtype, device)
+    if only is not None:
+        makers = {n: m for n, m in makers.items() if n in only or n == DENSE}
+    modules = {name: make().to(device=device, dtype=dtype) for name, make in makers.items()}
+    x = torch.randn(config.batch, config.seq, config.dim, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def forward(module: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return run
+
+    def forward_backward(module: nn.Module) -> Callable[[], object]:
+        x_grad = x.detach().requires_grad_(True)
+
+        def run() -> object:
+            module(x_grad).float().square().mean().backward()
+            for param in module.parameters():
+                param.grad = None
+            return None
+
+        return run
+
+    names = list(modules)
+    results: dict[str, dict[str, list[float]]] = {}
+    for mode, wrap in (("fwd", forward), ("fwd_bwd", forward_backward)):
+        fns = {name: wrap(modules[name]) for name in names}
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for rep in range(warmup + repeats):
+            rotated = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in rotated:
+                elapsed = _time_once(fns[name], sync)
+                if rep >= warmup:
+                    times[name].append(elapsed)
+        results[mode] = times
+
+    memory_ratio: dict[str, float] = {}
+    memory_mib: dict[str, float] = {}
+    if memory and device == "cpu":
+        for name in names:
+            mib = _peak_rss_subprocess(config, name, dtype, threads)
+            if mib is None:
+                skipped[f"{name} (memory)"] = "subprocess failed"
+            else:
+                memory_mib[name] = mib
+        if DENSE in memory_mib:
+            dense_mib = max(memory_mib[DENSE], 1e-9)
+            memory_ratio = {name: mib / dense_mib for name, mib in memory_mib.items()}
+
+    def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+        return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+    return BenchResult(
+        config=config,
+        fwd_ratio=_median_ratios(results["fwd"]),
+        fwd_bwd_ratio=_median_ratios(results["fwd_bwd"]),
+        fwd_ms=medians_ms(results["fwd"]),
+        fwd_bwd_ms=medians_ms(results["fwd_bwd"]),
+        memory_ratio=memory_ratio,
+        memory_mib=memory_mib,
+        skipped=skipped,
+    )
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    import os
+
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_child(config_name: str, candidate: str, dtype_name: str, threads: int | None) -> None:
+    """Run in a fresh process: one forward+backward, print peak RSS above the set-up RSS."""
+    import resource
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = CONFIGS[config_name]
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    makers, _ = build_candidates(config, dtype)
+    module = makers[candidate]().to(dtype=dtype)
+    x = torch.randn(config.batch, config.seq, config.dim, dtype=dtype, requires_grad=True)
+    # fill_, not zeros_like: calloc'd pages are not resident until written
+    x.grad = torch.empty_like(x).fill_(0.0)
+    for param in module.parameters():
+        param.grad = torch.empty_like(param).fill_(0.0)
+    before = _rss_mib()
+    module(x).float().square().mean().backward()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"activation_mib": peak_kib / 1024 - before}))
+
+
+def _peak_rss_subprocess(
+    config: BenchConfig, name: str, dtype: torch.dtype, threads: int | None
+) -> float | None:
+    if config.name not in CONFIGS or not sys.platform.startswith("linux"):
+        return None
+    code = (
+        "from pytorch_mixtures.bench import _memory_child; "
+        f"_memory_child({config.name!r}, {name!r}, {str(dtype).split('.')[-1]!r}, {threads!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    if proc.returncode != 0:
+        return None
+    try:
+        value: float = json.loads(proc.stdout.strip().splitlines()[-1])["activation_mib"]
+    except (ValueError, KeyError, IndexError):
+        return None
+    return value
+
+
+def format_table(result: BenchResult) -> str:
+    """A plain-text table of one config's results."""
+    c = result.config
+    lines = [
+        f"config {c.name}: {c.batch}x{c.seq} tokens, dim {c.dim}, {c.num_experts} experts of "
+        f"hidden {c.hidden}, top-{c.top_k}; ratios = time / dense-equivalent time "
+        "(median of pairwise ratios)",
+        f"{'candidate':<22} {'fwd ms':>9} {'fwd x':>7} {'fwd+bwd ms':>11} {'fwd+bwd x':>10}"
+        f" {'act. mem MiB':>13} {'mem x':>6}",
+    ]
+    for name in result.fwd_ratio:
+        mem_mib = result.memory_mib.get(name)
+        mem_ratio = result.memory_ratio.get(name)
+        lines.append(
+            f"{name:<22} {result.fwd_ms[name]:>9.1f} {result.fwd_ratio[name]:>7.2f} "
+            f"{result.fwd_bwd_ms[name]:>11.1f} {result.fwd_bwd_ratio[name]:>10.2f}"
+            f" {'-' if mem_mib is None else f'{mem_mib:.0f}':>13}"
+            f" {'-' if mem_ratio is None else f'{mem_ratio:.2f}':>6}"
+        )
+    for name, reason in result.skipped.items():
+        lines.append(f"{name:<22} skipped: {reason}")
+    return "\n".join(lines)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``pytorch-mixtures bench`` and ``benchmarks/moe_layer.py``."""
+    parser.add_argument("--config", choices=[*CONFIGS, "all"], default="std")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="restrict the candidates")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed :func:`add_bench_arguments` options; print the tables."""
+    names = [n for n in CONFIGS if n != "tiny"] if args.config == "all" else [args.config]
+    print(
+        f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, "
+        f"repeats {args.repeats} (+{args.warmup} warm-up)"
+    )
+    payload = []
+    for name in names:
+        result = run_bench(
+            CONFIGS[name],
+            repeats=args.repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+            memory=not args.no_memory,
+            dtype=getattr(torch, args.dtype),
+            device=args.device,
+            only=args.only,
+        )
+        print(format_table(result), flush=True)
+        payload.append({**asdict(result), "torch": torch.__version__, "threads": args.threads})
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(payload, out, indent=2)
+    return 0
