@@ -286,3 +286,30 @@ def test_cli_bench_subcommand(tmp_path, capsys):
 
     (result,) = json.loads(out.read_text())
     assert set(result["fwd_ratio"]) == {"dense-equivalent", "moe[auto]"}
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+def test_grouped_mm_row_aligned_layout_matches_loop(kind):
+    """The CUDA layout (groups padded to 16-row starts, zero filler), run on CPU."""
+    torch.manual_seed(12)
+    counts = torch.tensor([5, 0, 17, 1, 0])
+    experts = make_experts(kind, "loop")
+    x = torch.randn(26, DIM)  # 23 real rows + 3 padding
+    want = output_and_grads(
+        lambda inp: experts(inp, counts), x.clone().requires_grad_(True), list(experts.parameters())
+    )
+
+    def aligned(inp):
+        rows = backends.group_rows(inp, counts, "grouped_mm", row_alignment=16)
+        assert rows.data.shape[0] % 16 == 0 and rows.offsets is not None
+        assert (rows.offsets[:-1] % 16 == 0).all()
+        if kind == "swiglu":
+            hidden = rows.linear(experts.w_gate_up).map(experts._swiglu)
+            return hidden.linear(experts.w_down).rows()
+        hidden = rows.linear(experts.w_in, experts.b_in).map(experts._act)
+        return hidden.linear(experts.w_out, experts.b_out).rows()
+
+    got = output_and_grads(aligned, x.clone().requires_grad_(True), list(experts.parameters()))
+    assert_all_close(got, want, tol=1e-5)
+    assert torch.equal(got[0][23:], torch.zeros(3, DIM))

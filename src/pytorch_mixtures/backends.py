@@ -137,15 +137,19 @@ class GroupedRows:
 
     Attributes:
         backend: ``"loop"``, ``"grouped_mm"`` or ``"bmm"``.
-        data: ``loop``/``grouped_mm``: ``[S, D]`` in sorted row order; ``bmm``: ``[E, C, D]``.
+        data: ``loop``/``grouped_mm``: ``[S, D]`` in sorted row order (row-aligned
+            ``grouped_mm``: ``[P, D]`` with zero filler rows); ``bmm``: ``[E, C, D]``.
         counts_E: ``[E]`` rows per expert.
         valid_S1: ``[S, 1]`` bool, False on padding rows.
-        row_expert_S: ``[S]`` int64 expert of each row, padding rows clamped to E-1 (for biases).
+        row_expert_S: int64 expert of each row of ``data`` (``[S]``, or ``[P]`` when row-aligned),
+            padding rows clamped to E-1 (for biases).
         offsets: ``grouped_mm`` only: ``[E]`` int32 group ends, the last one forced to S so
             padding rows ride in the last group (their outputs are zeroed by :meth:`rows`, so
             they pass back exactly zero gradient).
-        slot_S: ``bmm`` only: ``[S]`` int64 row of the flattened ``[E*C + 1, D]`` block each row
-            occupies (``E*C`` is a trash row for padding).
+        slot_S: ``bmm``: ``[S]`` int64 row of the flattened ``[E*C + 1, D]`` block each row
+            occupies (``E*C`` is a trash row for padding); row-aligned ``grouped_mm``: row of
+            ``[P, D]``; else None.
+        biased: a bias was added, so padding rows may be non-zero until :meth:`rows`.
     """
 
     backend: str
@@ -155,6 +159,7 @@ class GroupedRows:
     row_expert_S: Tensor
     offsets: Tensor | None = None
     slot_S: Tensor | None = None
+    biased: bool = False
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> GroupedRows:
         """Apply a row-wise function (an activation) in this layout."""
@@ -175,18 +180,23 @@ class GroupedRows:
             out_SH = _grouped_mm(x, weight_EDH, self.offsets)
         else:
             out_SH = segment_mm(x, weight_EDH, self.counts_E)
-        if bias_EH is not None:
-            out_SH = out_SH + bias_EH.to(dtype)[self.row_expert_S]
-        return dataclasses.replace(self, data=out_SH)
+        if bias_EH is None:
+            return dataclasses.replace(self, data=out_SH)
+        out_SH = out_SH + bias_EH.to(dtype)[self.row_expert_S]
+        return dataclasses.replace(self, data=out_SH, biased=True)
 
     def rows(self) -> Tensor:
         """Back to ``[S, H]`` in sorted row order; padding rows are exactly zero."""
+        if self.backend == "loop" and not self.biased:
+            return self.data  # segment_mm already wrote zeros there
         if self.backend == "bmm":
             assert self.slot_S is not None
             width = self.data.shape[-1]
             flat = self.data.reshape(-1, width)
             flat = torch.cat([flat, flat.new_zeros(1, width)], dim=0)  # the trash row
             return torch.where(self.valid_S1, flat[self.slot_S], 0.0)
+        if self.slot_S is not None:  # grouped_mm with row-aligned groups
+            return torch.where(self.valid_S1, self.data[self.slot_S], 0.0)
         return torch.where(self.valid_S1, self.data, 0.0)
 
 
@@ -289,6 +299,8 @@ def group_rows(
     tokens_per_expert_E: Tensor,
     backend: Literal["loop", "grouped_mm", "bmm"],
     max_rows_per_expert: int | None = None,
+    *,
+    row_alignment: int | None = None,
 ) -> GroupedRows:
     """Lay out expert-sorted rows for ``backend`` (no host sync for any backend).
 
@@ -299,6 +311,9 @@ def group_rows(
         backend: a concrete backend (see :func:`resolve_backend`).
         max_rows_per_expert: C, an upper bound on every count (required for ``"bmm"``; the
             caller guarantees it: capacity mode never keeps more than C rows per expert).
+        row_alignment: ``grouped_mm`` only: start every group at a multiple of this many rows
+            (zero filler rows between groups). Default: 16 on CUDA, whose grouped GEMM kernels
+            want 16-row aligned groups, 1 (no filler) elsewhere.
     """
     num_rows = x_SD.shape[0]
     num_experts = tokens_per_expert_E.shape[0]
@@ -311,6 +326,10 @@ def group_rows(
     if backend == "loop":
         return GroupedRows("loop", x_SD, tokens_per_expert_E, valid_S1, clamped_S)
     if backend == "grouped_mm":
+        if row_alignment is None:
+            row_alignment = 16 if x_SD.device.type == "cuda" else 1
+        if row_alignment > 1:
+            return _aligned_groups(x_SD, tokens_per_expert_E, valid_S1, row_expert_S, row_alignment)
         offsets_E = ends_E.to(torch.int32)
         offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), num_rows)])
         return GroupedRows(
@@ -328,3 +347,40 @@ def group_rows(
     blocks = blocks.index_copy(0, slot_S, x_SD)
     x_ECD = blocks[:-1].view(num_experts, capacity, x_SD.shape[-1])
     return GroupedRows("bmm", x_ECD, tokens_per_expert_E, valid_S1, clamped_S, slot_S=slot_S)
+
+
+def _aligned_groups(
+    x_SD: Tensor, counts_E: Tensor, valid_S1: Tensor, row_expert_S: Tensor, align: int
+) -> GroupedRows:
+    """``grouped_mm`` layout with every group starting at a multiple of ``align`` rows.
+
+    Static size ``P = round_up(S + E*(align-1), align) + align``: enough for any counts, with a
+    zero trash block at the end for padding rows (it rides in the last group).
+    """
+    num_rows, dim = x_SD.shape
+    num_experts = counts_E.shape[0]
+    padded_rows = _round_up(num_rows + num_experts * (align - 1), align) + align
+    padded_counts_E = (counts_E + align - 1) // align * align
+    padded_ends_E = torch.cumsum(padded_counts_E, dim=0)
+    ends_E = torch.cumsum(counts_E, dim=0)
+    starts_E1 = torch.cat([ends_E.new_zeros(1), ends_E])
+    padded_starts_E1 = torch.cat([padded_ends_E.new_zeros(1), padded_ends_E])
+    row_S = torch.arange(num_rows, device=x_SD.device)
+    rank_S = row_S - starts_E1[row_expert_S]
+    slot_S = torch.where(
+        valid_S1.squeeze(-1), padded_starts_E1[row_expert_S] + rank_S, padded_rows - 1
+    )
+    blocks_PD = x_SD.new_zeros(padded_rows, dim).index_copy(0, slot_S, x_SD)
+    offsets_E = padded_ends_E.to(torch.int32)
+    offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), padded_rows)])
+    row_P = torch.arange(padded_rows, device=x_SD.device)
+    row_expert_P = torch.searchsorted(padded_ends_E, row_P, right=True)
+    return GroupedRows(
+        "grouped_mm",
+        blocks_PD,
+        counts_E,
+        valid_S1,
+        row_expert_P.clamp_max(num_experts - 1),
+        offsets=offsets_E,
+        slot_S=slot_S,
+    )

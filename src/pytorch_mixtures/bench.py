@@ -18,10 +18,11 @@ Candidates:
 * ``shape limit``: one expert-shaped SwiGLU (hidden H) over ``tokens * top_k`` rows: the
   experts' matmuls with zero routing overhead.
 
-Peak memory: each candidate does one forward+backward in a fresh subprocess; reported is the
-peak RSS above the process's RSS after building the layer, its input and zeroed gradient
+Peak memory: on CPU each candidate does one forward+backward in a fresh subprocess; reported is
+the peak RSS above the process's RSS after building the layer, its input and filled gradient
 buffers (so it measures activations and temporaries, not the MoE's E/top_k times larger
-weights), as a ratio to the dense-equivalent's.
+weights), as a ratio to the dense-equivalent's. On CUDA: ``torch.cuda.max_memory_allocated``
+above the allocation before the step, same meaning.
 
 Shape legend: B batch, T sequence, N = B*T tokens, D dim, E experts, H expert hidden, K top-k.
 """
@@ -76,6 +77,9 @@ CONFIGS: dict[str, BenchConfig] = {
     "fine": BenchConfig("fine", 8, 512, 512, 64, 256, 8),
     # a few-second smoke configuration (tests, quick checks)
     "tiny": BenchConfig("tiny", 2, 32, 32, 8, 16, 2),
+    # GPU scale (benchmarks/gpu.sh): a Mixtral-8x7B-sized layer, and `fine` scaled up
+    "mixtral": BenchConfig("mixtral", 1, 4096, 4096, 8, 14336, 2),
+    "fine-xl": BenchConfig("fine-xl", 4, 2048, 2048, 64, 1024, 8),
 }
 
 
@@ -307,16 +311,18 @@ def run_bench(
 
     memory_ratio: dict[str, float] = {}
     memory_mib: dict[str, float] = {}
-    if memory and device == "cpu":
+    if memory and device.startswith("cuda"):
+        memory_mib = {name: _peak_cuda_mib(modules[name], x) for name in names}
+    elif memory and device == "cpu":
         for name in names:
             mib = _peak_rss_subprocess(config, name, dtype, threads)
             if mib is None:
                 skipped[f"{name} (memory)"] = "subprocess failed"
             else:
                 memory_mib[name] = mib
-        if DENSE in memory_mib:
-            dense_mib = max(memory_mib[DENSE], 1e-9)
-            memory_ratio = {name: mib / dense_mib for name, mib in memory_mib.items()}
+    if DENSE in memory_mib:
+        dense_mib = max(memory_mib[DENSE], 1e-9)
+        memory_ratio = {name: mib / dense_mib for name, mib in memory_mib.items()}
 
     def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
         return {name: 1e3 * statistics.median(values) for name, values in times.items()}
@@ -331,6 +337,23 @@ def run_bench(
         memory_mib=memory_mib,
         skipped=skipped,
     )
+
+
+def _peak_cuda_mib(module: nn.Module, x: Tensor) -> float:
+    """Peak CUDA memory of one forward+backward above what was allocated before it."""
+    x = x.detach().requires_grad_(True)
+    x.grad = torch.zeros_like(x)
+    for param in module.parameters():
+        param.grad = torch.zeros_like(param)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    module(x).float().square().mean().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    for param in module.parameters():
+        param.grad = None
+    return peak / 2**20
 
 
 def _rss_mib() -> float:
