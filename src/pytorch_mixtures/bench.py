@@ -356,18 +356,21 @@ def _peak_cuda_mib(module: nn.Module, x: Tensor) -> float:
     return peak / 2**20
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        resident_pages = int(statm.read().split()[1])
-    import os
-
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field_name: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
 def _memory_child(config_name: str, candidate: str, dtype_name: str, threads: int | None) -> None:
-    """Run in a fresh process: one forward+backward, print peak RSS above the set-up RSS."""
-    import resource
+    """Run in a fresh process: peak RSS of one forward+backward above the set-up RSS.
 
+    A first forward+backward on a few rows maps torch's kernel code and warms the allocator
+    (hundreds of MiB of RSS that every candidate pays alike); then the peak-RSS mark is reset
+    (``/proc/self/clear_refs``) and the measured step runs.
+    """
     if threads is not None:
         torch.set_num_threads(threads)
     config = CONFIGS[config_name]
@@ -376,14 +379,16 @@ def _memory_child(config_name: str, candidate: str, dtype_name: str, threads: in
     makers, _ = build_candidates(config, dtype)
     module = makers[candidate]().to(dtype=dtype)
     x = torch.randn(config.batch, config.seq, config.dim, dtype=dtype, requires_grad=True)
+    module(x[:1, :8]).float().square().mean().backward()
     # fill_, not zeros_like: calloc'd pages are not resident until written
     x.grad = torch.empty_like(x).fill_(0.0)
     for param in module.parameters():
         param.grad = torch.empty_like(param).fill_(0.0)
-    before = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    before = _status_mib("VmRSS")
     module(x).float().square().mean().backward()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"activation_mib": peak_kib / 1024 - before}))
+    print(json.dumps({"activation_mib": _status_mib("VmHWM") - before}))
 
 
 def _peak_rss_subprocess(
