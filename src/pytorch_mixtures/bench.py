@@ -438,7 +438,9 @@ def format_table(result: BenchResult) -> str:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pytorch-mixtures bench`` and ``benchmarks/moe_layer.py``."""
-    parser.add_argument("--config", choices=[*CONFIGS, "all"], default="std")
+    parser.add_argument(
+        "--config", choices=[*CONFIGS, "all"], default="std", help="all = std and fine"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
@@ -451,7 +453,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed :func:`add_bench_arguments` options; print the tables."""
-    names = [n for n in CONFIGS if n != "tiny"] if args.config == "all" else [args.config]
+    names = ["std", "fine"] if args.config == "all" else [args.config]
     print(
         f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, "
         f"repeats {args.repeats} (+{args.warmup} warm-up)"
