@@ -10,7 +10,7 @@ Quick start::
     loss = task_loss + pm.aux_loss(model)
 """
 
-from . import dispatch, experts, losses, routing, stats
+from . import dispatch, distributed, experts, losses, routing, stats
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
 from .moe_layer import MoELayer
@@ -35,6 +35,7 @@ __all__ = [
     "__version__",
     "aux_loss",
     "dispatch",
+    "distributed",
     "experts",
     "losses",
     "routing",

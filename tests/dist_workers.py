@@ -1,0 +1,313 @@
+"""Functions run on every rank by the distributed tests (see dist_harness.run_ranks).
+
+Every rank builds the same unsharded model from the same seed, so each rank can compute the
+single-process reference for *all* ranks' batches itself and compare locally.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import pytorch_mixtures as pm
+
+DIM, HIDDEN = 8, 12
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def make_layer(cfg: dict[str, Any], world: int) -> pm.MoELayer:
+    num_experts = cfg.get("experts_per_rank", 2) * world
+    torch.manual_seed(0)
+    if cfg.get("router", "topk") == "expert_choice":
+        router: pm.Router = pm.ExpertChoiceRouter(DIM, num_experts, capacity_factor=1.5)
+    else:
+        router = pm.TopKRouter(
+            DIM,
+            num_experts,
+            top_k=cfg.get("top_k", 2),
+            capacity_factor=cfg.get("capacity_factor"),
+            normalize_weights=cfg.get("top_k", 2) > 1,
+            init_std=1.0,
+        )
+    kind = cfg.get("experts", "mlp")
+    if kind == "mlp":
+        experts: Any = pm.MLPExperts(num_experts, DIM, HIDDEN)
+    elif kind == "swiglu":
+        experts = pm.SwiGLUExperts(num_experts, DIM, HIDDEN)
+    else:
+        experts = [
+            nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DIM))
+            for _ in range(num_experts)
+        ]
+    layer = pm.MoELayer(DIM, router, experts)
+    if cfg.get("skew"):
+        # every token prefers the experts of rank 0: the other ranks receive zero rows
+        with torch.no_grad():
+            weight = layer.router.gate.weight
+            weight.zero_()
+            weight[: num_experts // world] = 5.0
+            weight[:, :] += 0.01 * torch.randn_like(weight)
+    return layer
+
+
+def make_batch(cfg: dict[str, Any], rank: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    gen = torch.Generator().manual_seed(1000 + rank)
+    batch, seq = 1 + rank % 3, 5 + 2 * rank  # uneven loads across ranks
+    x = torch.randn(batch, seq, DIM, generator=gen)
+    if cfg.get("skew"):
+        x = x.abs()  # positive inputs + positive gate rows of rank 0's experts
+    mask = None
+    if cfg.get("padding"):
+        mask = (torch.rand(batch, seq, generator=gen) > 0.3).long()
+        if rank == cfg.get("empty_rank", -1):
+            mask.zero_()  # this rank routes (and sends) no token at all
+    grad_out = torch.randn(batch, seq, DIM, generator=gen)
+    return x, mask, grad_out
+
+
+def _close(name: str, got: Tensor, want: Tensor) -> None:
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if not torch.allclose(got, want, atol=ATOL, rtol=RTOL, equal_nan=True):
+        err = (got - want).abs().max().item()
+        raise AssertionError(f"{name}: max abs error {err:.3e}")
+
+
+def _grads(module: nn.Module) -> dict[str, Tensor]:
+    return {
+        n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for n, p in module.named_parameters()
+    }
+
+
+def _expert_grads_global(layer: pm.MoELayer) -> dict[str, Tensor]:
+    """Unsharded experts' parameter gradients keyed as in the unsharded state dict."""
+    return {f"experts.{n}": g for n, g in _grads(layer.experts).items()}
+
+
+def _local_expert_grads_as_global(layer: pm.MoELayer) -> dict[str, Tensor]:
+    ep = layer.experts
+    assert isinstance(ep, pm.distributed.ExpertParallelExperts)
+    out = {}
+    for name, grad in _grads(ep.local).items():
+        if isinstance(ep.local, pm.ModuleListExperts):
+            _, index, rest = name.split(".", 2)
+            out[f"experts.experts.{ep.first_expert + int(index)}.{rest}"] = grad
+        else:
+            out[f"experts.{name}"] = grad
+    return out
+
+
+def _slice_reference(ref: dict[str, Tensor], ep: pm.distributed.ExpertParallelExperts) -> dict:
+    first, count = ep.first_expert, ep.num_local_experts
+    if isinstance(ep.local, pm.ModuleListExperts):
+        keep = {f"experts.experts.{e}." for e in range(first, first + count)}
+        return {k: v for k, v in ref.items() if any(k.startswith(p) for p in keep)}
+    return {k: v[first : first + count] for k, v in ref.items()}
+
+
+def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
+    """One config: outputs, input grads, router grads, expert grads, aux loss, stats."""
+    reference = make_layer(cfg, world)
+    layer = pm.distributed.expert_parallel(copy.deepcopy(reference))
+    assert isinstance(layer, pm.MoELayer)
+    assert isinstance(layer.experts, pm.distributed.ExpertParallelExperts)
+    assert layer.experts.local.num_experts == reference.num_experts // world
+
+    x, mask, grad_out = make_batch(cfg, rank)
+    x.requires_grad_(rank != cfg.get("no_grad_rank"))
+    y = layer(x, mask)
+    (y * grad_out).sum().backward()
+    aux = layer.aux_loss.detach().clone()
+
+    # the unsharded reference on every rank's batch; expert grads summed over ranks
+    ref_expert_grads: dict[str, Tensor] = {}
+    global_tokens = torch.zeros(reference.num_experts, dtype=torch.long)
+    for src in range(world):
+        reference.zero_grad(set_to_none=True)
+        x_ref, mask_ref, grad_ref = make_batch(cfg, src)
+        x_ref.requires_grad_(True)
+        y_ref = reference(x_ref, mask_ref)
+        (y_ref * grad_ref).sum().backward()
+        assert reference.stats is not None
+        global_tokens += reference.stats.tokens_per_expert
+        for key, grad in _expert_grads_global(reference).items():
+            ref_expert_grads[key] = ref_expert_grads.get(key, 0) + grad
+        if src == rank:
+            _close("output", y, y_ref)
+            assert x_ref.grad is not None
+            if x.requires_grad:
+                assert x.grad is not None
+                _close("input grad", x.grad, x_ref.grad)
+            _close("aux loss", aux, reference.aux_loss.detach())
+            for name, grad in _grads(reference.router).items():
+                _close(f"router grad {name}", _grads(layer.router)[name], grad)
+            assert layer.stats is not None
+            assert torch.equal(layer.stats.tokens_per_expert, reference.stats.tokens_per_expert)
+
+    want = _slice_reference(ref_expert_grads, layer.experts)
+    got = _local_expert_grads_as_global(layer)
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        _close(f"expert grad {key}", got[key], want[key])
+
+    stats = pm.distributed.global_routing_stats(layer)
+    assert torch.equal(stats.tokens_per_expert, global_tokens), (stats, global_tokens)
+    local = layer.experts.num_local_experts
+    if cfg.get("skew"):  # the case is what it claims: ranks >= 1 receive no row
+        assert global_tokens[local:].sum() == 0 and global_tokens[:local].sum() > 0
+    if rank == cfg.get("empty_rank"):  # and this rank sends no row
+        assert layer.stats.tokens_per_expert.sum() == 0
+
+
+EQUIVALENCE_CONFIGS: list[dict[str, Any]] = [
+    {"name": "top2 dropless mlp"},
+    {"name": "top1 dropless swiglu", "top_k": 1, "experts": "swiglu"},
+    {"name": "top2 capacity 0.5 mlp", "capacity_factor": 0.5},
+    {"name": "top3 capacity 1.0 swiglu", "top_k": 3, "capacity_factor": 1.0, "experts": "swiglu"},
+    {"name": "module-list experts", "experts": "list"},
+    {"name": "expert choice", "router": "expert_choice"},
+    {"name": "rank 1 sends nothing", "padding": True, "empty_rank": 1},
+    {"name": "only rank 0 receives", "skew": True, "top_k": 1},
+    {"name": "rank 1 input needs no grad", "no_grad_rank": 1},
+    {"name": "one expert per rank", "experts_per_rank": 1, "top_k": 1},
+]
+
+
+def equivalence_suite(rank: int, world: int) -> None:
+    for cfg in EQUIVALENCE_CONFIGS:
+        try:
+            check_equivalence(rank, world, cfg)
+        except AssertionError as error:
+            raise AssertionError(f"[{cfg['name']}, world {world}] {error}") from error
+
+
+class TinyNet(nn.Module):
+    """A dense projection, a residual MoE layer, and an output projection."""
+
+    def __init__(self, layer: pm.MoELayer) -> None:
+        super().__init__()
+        self.inp = nn.Linear(DIM, DIM)
+        self.moe = layer
+        self.out = nn.Linear(DIM, DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.out(h + self.moe(h))
+
+
+def make_net(world: int, cfg: dict[str, Any] | None = None) -> TinyNet:
+    cfg = cfg or {}
+    layer = make_layer(cfg, world)
+    torch.manual_seed(1)
+    return TinyNet(layer)
+
+
+def _net_loss(model: nn.Module, rank: int) -> Tensor:
+    gen = torch.Generator().manual_seed(2000 + rank)
+    x = torch.randn(2, 6, DIM, generator=gen)
+    target = torch.randn(2, 6, DIM, generator=gen)
+    return (model(x) - target).square().mean() + pm.aux_loss(model)
+
+
+def _reference_step(world: int) -> tuple[TinyNet, dict[str, Tensor]]:
+    """Single process: gradient of the mean over ranks of the ranks' losses."""
+    ref = make_net(world)
+    loss = sum(_net_loss(ref, src) for src in range(world)) / world
+    assert isinstance(loss, Tensor)
+    loss.backward()
+    return ref, _grads(ref)
+
+
+def _full(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def check_data_parallel(rank: int, world: int, mode: str) -> None:
+    """DDP / FSDP2 over non-expert params + expert parallel == one process on the global batch."""
+    ref, ref_grads = _reference_step(world)
+    net = pm.distributed.expert_parallel(make_net(world))
+    assert isinstance(net, TinyNet)
+    ep = net.moe.experts
+    assert isinstance(ep, pm.distributed.ExpertParallelExperts)
+    if mode == "ddp":
+        model: nn.Module = pm.distributed.ddp(net)
+    else:
+        model = pm.distributed.fully_shard(net, modules=[net.inp, net.out])
+    optim = torch.optim.SGD(model.parameters(), lr=0.5)
+    _net_loss(model, rank).backward()
+
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+        got = _full(param.grad)
+        if name.startswith("moe.experts.local."):
+            key = "moe.experts." + name.removeprefix("moe.experts.local.")
+            want = ref_grads[key][ep.first_expert : ep.first_expert + ep.num_local_experts]
+        else:
+            want = ref_grads[name]
+        _close(f"{mode} grad {name}", got, want)
+
+    # one step on both sides, then the next forward must still agree
+    optim.step()
+    ref_optim = torch.optim.SGD(ref.parameters(), lr=0.5)
+    ref_optim.step()
+    with torch.no_grad():
+        _close(f"{mode} loss after a step", _net_loss(model, rank), _net_loss(ref, rank))
+
+
+CKPT_EXPERTS = 4  # divisible by 1, 2 and 4 ranks
+
+
+def checkpoint_truth(cfg: dict[str, Any]) -> TinyNet:
+    """The unsharded model a checkpoint must hold (trained-looking, not its init)."""
+    net = make_net(1, {**cfg, "experts_per_rank": CKPT_EXPERTS})
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn(param.shape, generator=gen))
+    return net
+
+
+def _other_init(cfg: dict[str, Any]) -> TinyNet:
+    net = make_net(1, {**cfg, "experts_per_rank": CKPT_EXPERTS})
+    with torch.no_grad():
+        for param in net.parameters():
+            param.mul_(-0.5)  # anything but the checkpoint's values
+    return net
+
+
+def _assert_state_equal(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert got.keys() == want.keys(), (sorted(set(got) ^ set(want)),)
+    for key in want:
+        if not torch.equal(got[key], want[key]):
+            raise AssertionError(f"{key}: differs from the unsharded model")
+
+
+def _shard(net: TinyNet, cfg: dict[str, Any]) -> nn.Module:
+    pm.distributed.expert_parallel(net)
+    if cfg.get("fsdp"):
+        return pm.distributed.fully_shard(net, modules=[net.inp])
+    if cfg.get("ddp"):
+        return pm.distributed.ddp(net)
+    return net
+
+
+def checkpoint_save(rank: int, world: int, path: str, cfg: dict[str, Any]) -> None:
+    truth = checkpoint_truth(cfg)
+    model = _shard(copy.deepcopy(truth), cfg)
+    pm.distributed.save_checkpoint(model, path)
+    _assert_state_equal(pm.distributed.full_state_dict(model), truth.state_dict())
+
+
+def checkpoint_load(rank: int, world: int, path: str, cfg: dict[str, Any]) -> None:
+    truth = checkpoint_truth(cfg)
+    model = _shard(_other_init(cfg), cfg)
+    pm.distributed.load_checkpoint(model, path)
+    _assert_state_equal(pm.distributed.full_state_dict(model), truth.state_dict())
+    with torch.no_grad():
+        _close("loaded model's loss", _net_loss(model, rank), _net_loss(truth, rank))

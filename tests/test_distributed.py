@@ -1,0 +1,106 @@
+"""Expert parallelism on gloo: equivalence with the unsharded layer, DDP/FSDP2, checkpoints.
+
+Every test runs on a pool of spawned ranks (tests/dist_harness.py) under a hard timeout; the
+numerical checks run on the ranks (tests/dist_workers.py) against the unsharded layer computed
+on every rank from the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dist_workers as w
+import pytorch_mixtures as pm
+from dist_harness import RankPool
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+
+@pytest.fixture(scope="module")
+def pool2() -> Iterator[RankPool]:
+    pool = RankPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool4() -> Iterator[RankPool]:
+    pool = RankPool(4)
+    yield pool
+    pool.close()
+
+
+def test_equivalence_world2(pool2: RankPool) -> None:
+    """Outputs, input/router/expert grads, aux loss, stats at 2 ranks, every config."""
+    pool2.run(w.equivalence_suite, timeout_s=90)
+
+
+def test_equivalence_world4(pool4: RankPool) -> None:
+    pool4.run(w.equivalence_suite, timeout_s=120)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_world2(pool2: RankPool, mode: str) -> None:
+    """Expert grads scaled 1/W (not W x), non-expert grads averaged, one SGD step agrees."""
+    pool2.run(w.check_data_parallel, mode, timeout_s=90)
+
+
+def test_ddp_world4(pool4: RankPool) -> None:
+    pool4.run(w.check_data_parallel, "ddp", timeout_s=90)
+
+
+def _save_plain(path: Path, cfg: dict) -> None:
+    pm.distributed.save_checkpoint(w.checkpoint_truth(cfg), str(path))
+
+
+def _load_plain(path: Path, cfg: dict) -> None:
+    net = w._other_init(cfg)
+    pm.distributed.load_checkpoint(net, str(path))
+    w._assert_state_equal(net.state_dict(), w.checkpoint_truth(cfg).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("save_on", "load_on", "cfg"),
+    [
+        (2, [4, 1], {}),
+        (4, [2, 1], {"experts": "swiglu"}),
+        (1, [2, 4], {}),
+        (2, [4, 1], {"experts": "list"}),
+        (2, [4, 1], {"fsdp": True}),
+    ],
+    ids=["2to4and1", "4to2and1-swiglu", "1to2and4", "2to4and1-modulelist", "fsdp2to4and1"],
+)
+def test_checkpoint_reshard(
+    pool2: RankPool, pool4: RankPool, tmp_path: Path, save_on: int, load_on: list[int], cfg: dict
+) -> None:
+    """Save on N ranks, load on M: same unsharded state and same loss as the saved model."""
+    pools = {2: pool2, 4: pool4}
+    path = tmp_path / "ckpt"
+    if save_on == 1:
+        _save_plain(path, cfg)
+    else:
+        pools[save_on].run(w.checkpoint_save, str(path), cfg, timeout_s=90)
+    for world in load_on:
+        if world == 1:
+            _load_plain(path, cfg)
+        else:
+            load_cfg = {k: v for k, v in cfg.items() if k != "fsdp"}
+            pools[world].run(w.checkpoint_load, str(path), load_cfg, timeout_s=90)
+
+
+def test_errors_without_process_group() -> None:
+    layer = pm.MoELayer(8, pm.TopKRouter(8, 4), pm.MLPExperts(4, 8, 16))
+    if dist.is_initialized():  # pragma: no cover - pytest's process never joins a group
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pm.distributed.expert_parallel(layer)
+    with pytest.raises(TypeError, match="model"):
+        pm.distributed.expert_parallel("not a model")  # type: ignore[arg-type]
+    assert isinstance(torch.zeros(1), torch.Tensor)
