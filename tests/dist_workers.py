@@ -311,3 +311,23 @@ def checkpoint_load(rank: int, world: int, path: str, cfg: dict[str, Any]) -> No
     _assert_state_equal(pm.distributed.full_state_dict(model), truth.state_dict())
     with torch.no_grad():
         _close("loaded model's loss", _net_loss(model, rank), _net_loss(truth, rank))
+
+
+def load_example() -> Any:
+    """The example script as a module (it is not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_expert_parallel.py"
+    spec = importlib.util.spec_from_file_location("train_expert_parallel", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(rank: int, world: int, dp: str, save: str) -> None:
+    example = load_example()
+    argv = ["--steps", "4", "--dim", "16", "--seq", "8", "--batch", "2", "--dp", dp]
+    loss = example.main([*argv, "--save", save])
+    assert loss == loss and loss < 10, loss  # finite, near log(vocab) after 4 steps

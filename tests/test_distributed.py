@@ -104,3 +104,19 @@ def test_errors_without_process_group() -> None:
     with pytest.raises(TypeError, match="model"):
         pm.distributed.expert_parallel("not a model")  # type: ignore[arg-type]
     assert isinstance(torch.zeros(1), torch.Tensor)
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_example_trains_and_checkpoint_loads_unsharded(
+    pool2: RankPool, tmp_path: Path, dp: str
+) -> None:
+    """examples/train_expert_parallel.py on 2 ranks; its checkpoint loads into 1 process."""
+    path = tmp_path / "ckpt"
+    pool2.run(w.run_example, dp, str(path), timeout_s=90)
+    example = w.load_example()
+    torch.manual_seed(0)
+    fresh = example.TinyLM(vocab=64, dim=16, layers=2, num_experts=4, top_k=2)
+    initial = {k: v.clone() for k, v in fresh.state_dict().items()}
+    pm.distributed.load_checkpoint(fresh, str(path))  # strict: every key present, right shapes
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, initial[k])]
+    assert "blocks.0.moe.experts.w_gate_up" in changed and "embed.weight" in changed
