@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> float:
         logits_BTV = model(tokens_BT)
         loss = nn.functional.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
         (loss + pm.aux_loss(model)).backward()
+        # the global norm over every rank's experts: plain clip_grad_norm_ would desync replicas
+        pm.distributed.clip_grad_norm_(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % max(1, args.steps // 6) == 0 or step == args.steps - 1:

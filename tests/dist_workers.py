@@ -252,7 +252,12 @@ def check_data_parallel(rank: int, world: int, mode: str) -> None:
             want = ref_grads[name]
         _close(f"{mode} grad {name}", got, want)
 
-    # one step on both sides, then the next forward must still agree
+    # clipping must see the global norm (all experts), then one step on both sides, and the
+    # next forward must still agree
+    norm = pm.distributed.clip_grad_norm_(model, 0.05)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    _close(f"{mode} total grad norm", norm, ref_norm)
+    assert norm > 0.05  # so clipping really happened
     optim.step()
     ref_optim = torch.optim.SGD(ref.parameters(), lr=0.5)
     ref_optim.step()

@@ -58,6 +58,7 @@ from .stats import RoutingStats
 __all__ = [
     "ExpertParallelExperts",
     "all_to_all_single",
+    "clip_grad_norm_",
     "ddp",
     "expert_parallel",
     "expert_parameters",
@@ -457,6 +458,53 @@ def fully_shard(
         _fully_shard(module, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
     _fully_shard(model, mesh=mesh, ignored_params=ignored, **fsdp_kwargs)
     return model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """Clip gradients by the norm over *all* parameters of the sharded model (collective).
+
+    ``torch.nn.utils.clip_grad_norm_`` on one rank sees only that rank's experts, so ranks
+    would compute different norms and scale their replicated parameters differently (the
+    replicas drift apart). Here expert gradients' squares are summed over the expert-parallel
+    group, FSDP2 (``DTensor``) gradients over their mesh, and replicated gradients counted
+    once: the result equals the unsharded model's total norm.
+
+    Args:
+        model: an expert-parallel model (plain, :func:`ddp` or :func:`fully_shard`).
+        max_norm: clip threshold (> 0).
+
+    Returns:
+        0-dim float32 tensor: the total gradient norm before clipping, identical on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ValueError(f"max_norm: expected a number > 0, got {max_norm!r}")
+    model = _unwrap(model)
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    replicated_sq = torch.zeros((), device=device)
+    for param in model.parameters():
+        grad = param.grad
+        if grad is None or id(param) in expert_ids:
+            continue
+        if isinstance(grad, DTensor):
+            replicated_sq = replicated_sq + torch.linalg.vector_norm(grad).full_tensor().square()
+        else:
+            replicated_sq = replicated_sq + grad.float().square().sum()
+    for _, module in _ep_modules(model):
+        expert_sq = torch.zeros((), device=device)
+        for param in module.local.parameters():
+            if param.grad is not None:
+                expert_sq = expert_sq + param.grad.float().square().sum()
+        dist.all_reduce(expert_sq, group=module.group)
+        replicated_sq = replicated_sq + expert_sq
+    total = replicated_sq.sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return total
 
 
 def global_routing_stats(
