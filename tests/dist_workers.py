@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 import pytorch_mixtures as pm
@@ -109,13 +110,27 @@ def _slice_reference(ref: dict[str, Tensor], ep: pm.distributed.ExpertParallelEx
     return {k: v[first : first + count] for k, v in ref.items()}
 
 
+def _subgroup(rank: int, world: int, size: int) -> tuple[Any, list[int]]:
+    """Split the world into consecutive groups of ``size`` ranks; return this rank's."""
+    mine: tuple[Any, list[int]] = (None, [])
+    for start in range(0, world, size):
+        ranks = list(range(start, start + size))
+        group = dist.new_group(ranks)  # collective: every rank creates every group
+        if rank in ranks:
+            mine = (group, ranks)
+    return mine
+
+
 def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
     """One config: outputs, input grads, router grads, expert grads, aux loss, stats."""
-    reference = make_layer(cfg, world)
-    layer = pm.distributed.expert_parallel(copy.deepcopy(reference))
+    group, peers = None, list(range(world))
+    if cfg.get("group_size"):
+        group, peers = _subgroup(rank, world, cfg["group_size"])
+    reference = make_layer(cfg, len(peers))
+    layer = pm.distributed.expert_parallel(copy.deepcopy(reference), group)
     assert isinstance(layer, pm.MoELayer)
     assert isinstance(layer.experts, pm.distributed.ExpertParallelExperts)
-    assert layer.experts.local.num_experts == reference.num_experts // world
+    assert layer.experts.local.num_experts == reference.num_experts // len(peers)
 
     x, mask, grad_out = make_batch(cfg, rank)
     x.requires_grad_(rank != cfg.get("no_grad_rank"))
@@ -126,7 +141,7 @@ def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
     # the unsharded reference on every rank's batch; expert grads summed over ranks
     ref_expert_grads: dict[str, Tensor] = {}
     global_tokens = torch.zeros(reference.num_experts, dtype=torch.long)
-    for src in range(world):
+    for src in peers:
         reference.zero_grad(set_to_none=True)
         x_ref, mask_ref, grad_ref = make_batch(cfg, src)
         x_ref.requires_grad_(True)
@@ -154,7 +169,7 @@ def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
     for key in want:
         _close(f"expert grad {key}", got[key], want[key])
 
-    stats = pm.distributed.global_routing_stats(layer)
+    stats = pm.distributed.global_routing_stats(layer, group)
     assert torch.equal(stats.tokens_per_expert, global_tokens), (stats, global_tokens)
     local = layer.experts.num_local_experts
     if cfg.get("skew"):  # the case is what it claims: ranks >= 1 receive no row
@@ -178,7 +193,10 @@ EQUIVALENCE_CONFIGS: list[dict[str, Any]] = [
 
 
 def equivalence_suite(rank: int, world: int) -> None:
-    for cfg in EQUIVALENCE_CONFIGS:
+    configs = list(EQUIVALENCE_CONFIGS)
+    if world == 4:
+        configs.append({"name": "two groups of 2 ranks", "group_size": 2, "top_k": 3})
+    for cfg in configs:
         try:
             check_equivalence(rank, world, cfg)
         except AssertionError as error:
@@ -336,3 +354,22 @@ def run_example(rank: int, world: int, dp: str, save: str) -> None:
     argv = ["--steps", "4", "--dim", "16", "--seq", "8", "--batch", "2", "--dp", dp]
     loss = example.main([*argv, "--save", save])
     assert loss == loss and loss < 10, loss  # finite, near log(vocab) after 4 steps
+
+
+def check_errors(rank: int, world: int) -> None:
+    """Clear errors: indivisible expert count, mixed module lists, hybrid groups under ddp."""
+    import pytest
+
+    layer = pm.MoELayer(DIM, pm.TopKRouter(DIM, 3), pm.MLPExperts(3, DIM, HIDDEN))
+    with pytest.raises(ValueError, match="divisible by 2, got num_experts=3"):
+        pm.distributed.expert_parallel(layer)
+    mixed = [nn.Linear(DIM, DIM), nn.Sequential(nn.Linear(DIM, DIM))]
+    layer = pm.MoELayer(DIM, pm.TopKRouter(DIM, 2), mixed)
+    with pytest.raises(ValueError, match="homogeneous"):
+        pm.distributed.expert_parallel(layer)
+    group, _ = _subgroup(rank, world, 1)
+    net = pm.distributed.expert_parallel(make_net(1), group)
+    with pytest.raises(ValueError, match="hybrid expert x data parallel"):
+        pm.distributed.ddp(net)
+    with pytest.raises(ValueError, match="max_norm"):
+        pm.distributed.clip_grad_norm_(net, 0.0)

@@ -95,6 +95,10 @@ def test_checkpoint_reshard(
             pools[world].run(w.checkpoint_load, str(path), load_cfg, timeout_s=90)
 
 
+def test_errors_world2(pool2: RankPool) -> None:
+    pool2.run(w.check_errors, timeout_s=60)
+
+
 def test_errors_without_process_group() -> None:
     layer = pm.MoELayer(8, pm.TopKRouter(8, 4), pm.MLPExperts(4, 8, 16))
     if dist.is_initialized():  # pragma: no cover - pytest's process never joins a group
