@@ -211,11 +211,13 @@ class UniformRouter(Router):
         else:
             slots_NK = torch.arange(num_tokens * top_k, device=x.device).view(num_tokens, top_k)
             expert_ids_NK = slots_NK % num_experts
-        probs_NE = torch.full((num_tokens, num_experts), 1.0 / num_experts, dtype=dtype)
+        probs_NE = torch.full(
+            (num_tokens, num_experts), 1.0 / num_experts, dtype=dtype, device=x.device
+        )
         weights_NK = torch.full((num_tokens, top_k), 1.0 / top_k, dtype=dtype, device=x.device)
         mask_N = None if mask_BT is None else mask_BT.reshape(-1)
         return _token_choice_output(
-            x_BTD, expert_ids_NK, probs_NE.to(x.device), weights_NK, mask_N, self.capacity_factor
+            x_BTD, expert_ids_NK, probs_NE, weights_NK, mask_N, self.capacity_factor
         )
 
     def extra_repr(self) -> str:
