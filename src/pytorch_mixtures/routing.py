@@ -412,7 +412,7 @@ class TopKRouter(Router):
         # ``model.half()`` / ``.to(bfloat16)`` must not round the bias: +-1e-3 updates vanish
         # in bf16. Keep it float32, only following the device.
         bias = self.expert_bias
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        super()._apply(fn, recurse)
         moved = self.expert_bias
         if bias is not None and moved is not None and moved.dtype != torch.float32:
             self.expert_bias = bias.to(device=moved.device)
