@@ -141,6 +141,7 @@ def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
     # the unsharded reference on every rank's batch; expert grads summed over ranks
     ref_expert_grads: dict[str, Tensor] = {}
     global_tokens = torch.zeros(reference.num_experts, dtype=torch.long)
+    global_real_tokens, global_entropy = 0, torch.zeros(())
     for src in peers:
         reference.zero_grad(set_to_none=True)
         x_ref, mask_ref, grad_ref = make_batch(cfg, src)
@@ -149,6 +150,8 @@ def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
         (y_ref * grad_ref).sum().backward()
         assert reference.stats is not None
         global_tokens += reference.stats.tokens_per_expert
+        global_real_tokens += int(reference.stats.num_tokens)
+        global_entropy += reference.stats.router_entropy * int(reference.stats.num_tokens)
         for key, grad in _expert_grads_global(reference).items():
             ref_expert_grads[key] = ref_expert_grads.get(key, 0) + grad
         if src == rank:
@@ -171,6 +174,10 @@ def check_equivalence(rank: int, world: int, cfg: dict[str, Any]) -> None:
 
     stats = pm.distributed.global_routing_stats(layer, group)
     assert torch.equal(stats.tokens_per_expert, global_tokens), (stats, global_tokens)
+    assert int(stats.num_tokens) == global_real_tokens
+    _close(
+        "global router entropy", stats.router_entropy, global_entropy / max(global_real_tokens, 1)
+    )
     local = layer.experts.num_local_experts
     if cfg.get("skew"):  # the case is what it claims: ranks >= 1 receive no row
         assert global_tokens[local:].sum() == 0 and global_tokens[:local].sum() > 0

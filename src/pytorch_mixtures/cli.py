@@ -17,10 +17,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     dim, experts = 32, 8
-    model = nn.Sequential(
-        nn.Linear(dim, dim),
-        pm.MoELayer(dim, pm.TopKRouter(dim, experts, 2), pm.SwiGLUExperts(experts, dim, 64)),
-    )
+    moe = pm.MoELayer(dim, pm.TopKRouter(dim, experts, 2), pm.SwiGLUExperts(experts, dim, 64))
+    model = nn.Sequential(nn.Linear(dim, dim), moe)
     target = nn.Linear(dim, dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(args.steps):
@@ -32,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
         optimizer.step()
         optimizer.zero_grad()
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
-            stats = model[1].stats
+            stats = moe.stats
             load = stats.tokens_per_expert.tolist() if stats is not None else []
             print(f"step {step:4d}  loss {loss.item():.4f}  expert load {load}")
     return 0

@@ -231,7 +231,7 @@ class ExpertParallelExperts(ExpertsBase):
             return
         for param in self.local.parameters():
             if param.requires_grad:
-                param.register_hook(functools.partial(_scale_grad, self))  # type: ignore[no-untyped-call]
+                param.register_hook(functools.partial(_scale_grad, self))
         self._hooked = True
 
     def forward(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
@@ -513,7 +513,8 @@ def global_routing_stats(
     """All-reduce (sum) a layer's routing statistics over ``group``: loads of the global batch.
 
     ``layer.stats`` describes this rank's tokens only; the sum over ranks gives the global
-    tokens per expert, dropped slots and unrouted tokens (and so the global fractions).
+    tokens per expert, dropped slots and unrouted tokens (and so the global fractions);
+    router entropy and top-1 confidence become token-weighted means over the ranks.
 
     Args:
         stats: a ``RoutingStats`` or a ``MoELayer`` (its last ``stats``).
@@ -526,22 +527,43 @@ def global_routing_stats(
     if not isinstance(stats, RoutingStats):
         raise TypeError(f"stats: expected RoutingStats or MoELayer, got {type(stats).__name__}")
     _require_initialized("global_routing_stats")
-    scalars = torch.stack(
-        [stats.num_tokens, stats.requested_slots, stats.dropped_slots, stats.unrouted_tokens]
-    ).to(torch.int64)
-    flat = torch.cat(
-        [stats.tokens_per_expert.to(torch.int64), scalars.to(stats.tokens_per_expert.device)]
+    device = stats.tokens_per_expert.device
+    counts = torch.cat(
+        [
+            stats.tokens_per_expert.to(torch.int64),
+            torch.stack(
+                [
+                    stats.num_tokens,
+                    stats.requested_slots,
+                    stats.dropped_slots,
+                    stats.unrouted_tokens,
+                ]
+            ).to(device, torch.int64),
+        ]
     )
-    dist.all_reduce(flat, group=group)
+    # per-token means (entropy, top-1 confidence) become token-weighted means over ranks
+    tokens = stats.num_tokens.to(device, torch.float64)
+    means = torch.stack(
+        [
+            tokens,
+            stats.router_entropy.to(device) * tokens,
+            stats.top1_confidence.to(device) * tokens,
+        ]
+    ).to(torch.float64)
+    dist.all_reduce(counts, group=group)
+    dist.all_reduce(means, group=group)
     num_experts = stats.tokens_per_expert.numel()
-    total = flat[num_experts:]
+    total = counts[num_experts:]
+    all_tokens = means[0].clamp_min(1.0)
     return RoutingStats(
-        tokens_per_expert=flat[:num_experts],
+        tokens_per_expert=counts[:num_experts],
         num_tokens=total[0],
         requested_slots=total[1],
         dropped_slots=total[2],
         unrouted_tokens=total[3],
         token_choice=stats.token_choice,
+        router_entropy=(means[1] / all_tokens).float(),
+        top1_confidence=(means[2] / all_tokens).float(),
     )
 
 
