@@ -380,3 +380,17 @@ def check_errors(rank: int, world: int) -> None:
         pm.distributed.ddp(net)
     with pytest.raises(ValueError, match="max_norm"):
         pm.distributed.clip_grad_norm_(net, 0.0)
+    with pytest.raises(TypeError, match="call expert_parallel first"):
+        pm.distributed.expert_parallel(
+            pm.distributed.ddp(pm.distributed.expert_parallel(make_net(world)))
+        )
+    with pytest.raises(ValueError, match="containing MoELayer"):
+        pm.distributed.expert_parallel(nn.Linear(DIM, DIM))
+    # an empty batch fails loudly on every rank instead of hanging the peers in a collective
+    layer = pm.distributed.expert_parallel(make_layer({}, world))
+    with pytest.raises(ValueError, match="non-empty input"):
+        layer(torch.zeros(0, 4, DIM))
+    with pytest.raises(TypeError, match="call expert_parallel first"):
+        pm.distributed.expert_parallel(
+            pm.distributed.fully_shard(pm.distributed.expert_parallel(make_net(world)))
+        )

@@ -66,6 +66,7 @@ def _load_plain(path: Path, cfg: dict) -> None:
     w._assert_state_equal(net.state_dict(), w.checkpoint_truth(cfg).state_dict())
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize(
     ("save_on", "load_on", "cfg"),
     [
@@ -110,6 +111,7 @@ def test_errors_without_process_group() -> None:
     assert isinstance(torch.zeros(1), torch.Tensor)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 @pytest.mark.parametrize("dp", ["ddp", "fsdp"])
 def test_example_trains_and_checkpoint_loads_unsharded(
     pool2: RankPool, tmp_path: Path, dp: str

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -350,11 +351,39 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     _require_initialized("expert_parallel")
-    layers = [m for m in _unwrap(model).modules() if isinstance(m, MoELayer)]
+    if isinstance(model, nn.parallel.DistributedDataParallel) or _has_fsdp(model):
+        raise TypeError(
+            "model: already wrapped for data parallelism; call expert_parallel first, then "
+            "pm.distributed.ddp / pm.distributed.fully_shard"
+        )
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(
+            f"model: expected a model containing MoELayer(s), got none in {type(model).__name__}"
+        )
     for layer in layers:
         if not isinstance(layer.experts, ExpertParallelExperts):
             layer.experts = ExpertParallelExperts(layer.experts, group)
+            layer.register_forward_pre_hook(_refuse_empty_input)
     return model
+
+
+def _has_fsdp(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be FSDP yet
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+def _refuse_empty_input(layer: nn.Module, args: tuple[Any, ...]) -> None:
+    # an empty batch takes MoELayer's shortcut past the experts, so this rank would skip the
+    # all-to-alls its peers are waiting in: fail here, loudly, instead of hanging them
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.numel() == 0:
+        raise ValueError(
+            f"x: an expert-parallel MoELayer needs a non-empty input on every rank (its peers "
+            f"wait for this rank in the all-to-all), got shape {tuple(x.shape)}; pad the batch "
+            "and pass attention_mask=0 for the padding instead"
+        )
 
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
