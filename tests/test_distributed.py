@@ -52,8 +52,9 @@ def test_data_parallel_world2(pool2: RankPool, mode: str) -> None:
     pool2.run(w.check_data_parallel, mode, timeout_s=90)
 
 
-def test_ddp_world4(pool4: RankPool) -> None:
-    pool4.run(w.check_data_parallel, "ddp", timeout_s=90)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_world4(pool4: RankPool, mode: str) -> None:
+    pool4.run(w.check_data_parallel, mode, timeout_s=90)
 
 
 def _save_plain(path: Path, cfg: dict) -> None:
@@ -126,3 +127,31 @@ def test_example_trains_and_checkpoint_loads_unsharded(
     pm.distributed.load_checkpoint(fresh, str(path))  # strict: every key present, right shapes
     changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, initial[k])]
     assert "blocks.0.moe.experts.w_gate_up" in changed and "embed.weight" in changed
+
+
+def test_group_by_expert_order_matches_a_loop() -> None:
+    """The vectorised regrouping of received rows equals the obvious nested loop."""
+    from pytorch_mixtures.distributed import _group_by_expert_order
+
+    def loop(counts: list[list[int]]) -> list[int]:
+        starts, offset = {}, 0
+        for src, row in enumerate(counts):
+            for expert, count in enumerate(row):
+                starts[src, expert] = offset
+                offset += count
+        return [
+            starts[src, expert] + i
+            for expert in range(len(counts[0]))
+            for src in range(len(counts))
+            for i in range(counts[src][expert])
+        ]
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        world = int(torch.randint(1, 6, (1,), generator=gen))
+        local = int(torch.randint(1, 4, (1,), generator=gen))
+        counts_WL = torch.randint(0, 4, (world, local), generator=gen)
+        if trial % 4 == 0:
+            counts_WL[0] = 0  # a source that sends nothing
+        got = _group_by_expert_order(counts_WL, int(counts_WL.sum()))
+        assert got.tolist() == loop(counts_WL.tolist())

@@ -23,8 +23,9 @@ each expert's weight gradient equals the *sum over ranks* of the unsharded layer
 Composition with data parallelism over the non-expert parameters: :func:`ddp` (DDP) and
 :func:`fully_shard` (FSDP2) exclude expert parameters from the data-parallel reduction and scale
 expert gradients by ``1 / W`` so that every parameter's gradient is that of the mean loss over
-ranks (expert gradients are already summed over ranks by the all-to-all backward; averaging
-them again, or not dividing at all, is the classic ``W``-times-too-large expert gradient).
+ranks (expert gradients are already summed over ranks by the all-to-all backward; left
+unscaled they are ``W`` times too large against the averaged data-parallel gradients, the
+classic expert-parallel bug).
 
 Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` use ``torch.distributed.checkpoint``
 with the *unsharded* model's keys (stacked expert weights as ``DTensor`` sharded on the expert
@@ -267,12 +268,8 @@ class ExpertParallelExperts(ExpertsBase):
 
         recv_RD = all_to_all_single(x_SD[:num_kept], recv_splits, send_splits, self.group)
         # received rows are grouped by source rank, then by local expert: regroup by expert
-        order_R = _group_by_expert_order(recv_WL, x_SD.device)
-        tokens_per_local_L = torch.tensor(
-            [sum(recv_WL[src][e] for src in range(world)) for e in range(local)],
-            dtype=torch.int64,
-            device=x_SD.device,
-        )
+        order_R = _group_by_expert_order(recv_counts_WL, sum(recv_splits))
+        tokens_per_local_L = recv_counts_WL.sum(dim=0)
         y_local_RD = self.local(recv_RD[order_R], tokens_per_local_L)
         if recv_RD.requires_grad and not y_local_RD.requires_grad:
             # no row arrived, so the experts' (empty) output is a fresh tensor: tie it to the
@@ -296,20 +293,23 @@ def _scale_grad(module: ExpertParallelExperts, grad: Tensor) -> Tensor:
     return grad if module.grad_scale == 1.0 else grad * module.grad_scale
 
 
-def _group_by_expert_order(recv_WL: list[list[int]], device: torch.device) -> Tensor:
-    """``[R]`` index that reorders rows from (source rank, local expert) to (local expert, rank)."""
-    world, local = len(recv_WL), len(recv_WL[0])
-    starts, offset = [[0] * local for _ in range(world)], 0
-    for src in range(world):
-        for e in range(local):
-            starts[src][e] = offset
-            offset += recv_WL[src][e]
-    pieces = [
-        torch.arange(starts[src][e], starts[src][e] + recv_WL[src][e], device=device)
-        for e in range(local)
-        for src in range(world)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+def _group_by_expert_order(recv_counts_WL: Tensor, total: int) -> Tensor:
+    """``[R]`` index reordering received rows from (source rank, local expert) to (expert, rank).
+
+    Rows arrive grouped by source rank and, within a source, by local expert. The block of
+    (source w, expert l) starts at ``starts_WL[w, l]`` (exclusive cumsum in source-major order);
+    the expert-major layout visits blocks in ``[L, W]`` order, each block's rows consecutively.
+    ``total`` is the number of received rows (known on the host: no device sync here).
+    """
+    counts_WL = recv_counts_WL
+    starts_WL = (counts_WL.flatten().cumsum(0) - counts_WL.flatten()).view_as(counts_WL)
+    counts_S, starts_S = counts_WL.T.flatten(), starts_WL.T.flatten()  # blocks in [L, W] order
+    block_of_R = torch.repeat_interleave(
+        torch.arange(counts_S.numel(), device=counts_S.device), counts_S, output_size=total
+    )
+    first_row_S = counts_S.cumsum(0) - counts_S  # where each block starts in the new layout
+    offset_R = torch.arange(total, device=counts_S.device) - first_row_S[block_of_R]
+    return starts_S[block_of_R] + offset_R
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
