@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> float:
                     flush=True,
                 )
     if args.save:
-        pm.distributed.save_checkpoint(model, args.save)
+        pm.distributed.save_checkpoint(model, args.save, optimizer)
         if rank == 0:
             print(f"saved a distributed checkpoint to {args.save}", flush=True)
     if owns_group:

@@ -394,3 +394,58 @@ def check_errors(rank: int, world: int) -> None:
         pm.distributed.expert_parallel(
             pm.distributed.fully_shard(pm.distributed.expert_parallel(make_net(world)))
         )
+
+
+def _resume_net() -> TinyNet:
+    return make_net(1, {"experts_per_rank": CKPT_EXPERTS})
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def _data_parallel(net: TinyNet, mode: str) -> nn.Module:
+    pm.distributed.expert_parallel(net)
+    if mode == "fsdp":
+        return pm.distributed.fully_shard(net, modules=[net.inp])
+    return pm.distributed.ddp(net)
+
+
+def resume_reference(save_world: int, load_world: int) -> TinyNet:
+    """One process: 2 AdamW steps on the mean loss of save_world ranks, then 1 on load_world's."""
+    ref = _resume_net()
+    optim = _adamw(ref)
+    for world in (save_world, save_world, load_world):
+        loss = sum(_net_loss(ref, src) for src in range(world)) / world
+        assert isinstance(loss, Tensor)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    return ref
+
+
+def resume_save(rank: int, world: int, path: str, mode: str) -> None:
+    model = _data_parallel(_resume_net(), mode)
+    optim = _adamw(model)
+    for _ in range(2):
+        _net_loss(model, rank).backward()
+        optim.step()
+        optim.zero_grad()
+    pm.distributed.save_checkpoint(model, path, optim)
+
+
+def resume_load(rank: int, world: int, path: str, save_world: int, mode: str) -> None:
+    """Load model + AdamW state on another rank count; the next step matches one process."""
+    net = _resume_net()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.mul_(-0.5)  # the checkpoint must overwrite these
+    model = _data_parallel(net, mode)
+    optim = _adamw(model)
+    pm.distributed.load_checkpoint(model, path, optim)
+    _net_loss(model, rank).backward()
+    optim.step()
+    optim.zero_grad()
+    ref = resume_reference(save_world, world)
+    with torch.no_grad():
+        _close("loss after resuming", _net_loss(model, rank), _net_loss(ref, rank))

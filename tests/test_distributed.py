@@ -155,3 +155,30 @@ def test_group_by_expert_order_matches_a_loop() -> None:
             counts_WL[0] = 0  # a source that sends nothing
         got = _group_by_expert_order(counts_WL, int(counts_WL.sum()))
         assert got.tolist() == loop(counts_WL.tolist())
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.parametrize(
+    ("save_on", "mode", "load_on"),
+    [(2, "ddp", [4, 1]), (4, "fsdp", [2])],
+    ids=["ddp2to4and1", "fsdp4to2"],
+)
+def test_resume_training_with_optimizer_state(
+    pool2: RankPool, pool4: RankPool, tmp_path: Path, save_on: int, mode: str, load_on: list[int]
+) -> None:
+    """Model + AdamW state saved on N ranks resume on M: the next step equals one process's."""
+    pools = {2: pool2, 4: pool4}
+    path = str(tmp_path / "ckpt")
+    pools[save_on].run(w.resume_save, path, mode, timeout_s=90)
+    for world in load_on:
+        if world > 1:
+            pools[world].run(w.resume_load, path, save_on, mode, timeout_s=90)
+            continue
+        net = w._resume_net()
+        optim = w._adamw(net)
+        pm.distributed.load_checkpoint(net, path, optim)
+        w._net_loss(net, 0).backward()
+        optim.step()
+        ref = w.resume_reference(save_on, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(w._net_loss(net, 0), w._net_loss(ref, 0))

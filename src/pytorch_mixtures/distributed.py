@@ -68,9 +68,11 @@ __all__ = [
     "fully_shard",
     "global_routing_stats",
     "load_checkpoint",
+    "load_sharded_optimizer_state_dict",
     "load_sharded_state_dict",
     "non_expert_parameters",
     "save_checkpoint",
+    "sharded_optimizer_state_dict",
     "sharded_state_dict",
 ]
 
@@ -674,24 +676,120 @@ def load_sharded_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> 
         raise KeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
 
 
-def save_checkpoint(model: nn.Module, path: str) -> None:
+_OPTIM_PREFIX = "optim."
+
+
+def _flat_optimizer_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # flat keys ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr") let each rank own its
+    # experts' entries; nested param_groups lists would differ between ranks
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _split_optim_key(key: str) -> tuple[str, str, str]:
+    """``"state.a.b.exp_avg"`` -> ``("state", "a.b", "exp_avg")`` (leaf names hold no dots)."""
+    section, _, rest = key.partition(".")
+    fqn, _, leaf = rest.rpartition(".")
+    return section, fqn, leaf
+
+
+def sharded_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer's state under the *unsharded* model's parameter names (see
+    :func:`sharded_state_dict`): per-expert state of stacked experts (``exp_avg`` ``[L, ...]``)
+    becomes ``DTensor`` s sharded on the expert dimension, so it reshards like the weights.
+    Initialises the optimizer's state first if it has none (a zero-learning-rate step).
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, Shard
+
+    flat: dict[str, Any] = dict(
+        get_optimizer_state_dict(model, optimizer, options=_flat_optimizer_options())
+    )
+    mapping = _expert_key_map(model)
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, fqn, leaf = _split_optim_key(key)
+        if fqn not in mapping:
+            out[key] = value
+            continue
+        module, global_key, _, index = mapping[fqn]
+        new_key = f"{section}.{global_key}.{leaf}"
+        out[new_key] = value
+        if index >= 0 or not isinstance(value, Tensor) or isinstance(value, DTensor):
+            continue
+        if value.dim() > 0 and value.shape[0] == module.num_local_experts:
+            mesh = _mesh_for(module, value.device)
+            out[new_key] = DTensor.from_local(value, mesh, [Shard(0)], run_check=False)
+    return out
+
+
+def load_sharded_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+) -> None:
+    """Load a state dict in :func:`sharded_optimizer_state_dict`'s layout into ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    to_local = {
+        global_key: local for local, (_, global_key, _, _) in _expert_key_map(model).items()
+    }
+    flat: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        section, fqn, leaf = _split_optim_key(key)
+        if fqn in to_local:
+            key = f"{section}.{to_local[fqn]}.{leaf}"
+            if isinstance(value, DTensor):
+                value = value.to_local()
+        flat[key] = value
+    set_optimizer_state_dict(model, optimizer, flat, options=_flat_optimizer_options())
+
+
+def save_checkpoint(
+    model: nn.Module, path: str, optimizer: torch.optim.Optimizer | None = None
+) -> None:
     """Save ``model`` (expert-parallel, DDP/FSDP-wrapped, or plain) with distributed checkpointing.
 
     Collective: call on every rank. The checkpoint stores every tensor at its unsharded shape,
     so :func:`load_checkpoint` can load it on any number of ranks (one process without a
     process group included), into a model with any compatible expert sharding.
+
+    Args:
+        model: the model.
+        path: a directory (``torch.distributed.checkpoint`` layout: ``.metadata`` + shards).
+        optimizer: optionally, its optimizer, saved alongside (keys ``optim.state.<param>...``)
+            so that training resumes on any number of ranks.
     """
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    save(sharded_state_dict(model), checkpoint_id=path)
+    state_dict = sharded_state_dict(model)
+    if optimizer is not None:
+        optim_sd = sharded_optimizer_state_dict(model, optimizer)
+        state_dict.update({_OPTIM_PREFIX + k: v for k, v in optim_sd.items()})
+    save(state_dict, checkpoint_id=path)
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a checkpoint written by :func:`save_checkpoint`, resharding as needed (collective)."""
+def load_checkpoint(
+    model: nn.Module, path: str, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Load a checkpoint written by :func:`save_checkpoint`, resharding as needed (collective).
+
+    With ``optimizer``, its state is restored too (the checkpoint must hold one).
+    """
     from torch.distributed.checkpoint.state_dict_loader import load
 
     state_dict = sharded_state_dict(model)
+    optim_keys: list[str] = []
+    if optimizer is not None:
+        optim_sd = sharded_optimizer_state_dict(model, optimizer)
+        optim_keys = [_OPTIM_PREFIX + k for k in optim_sd]
+        state_dict.update(zip(optim_keys, optim_sd.values(), strict=True))
     load(state_dict, checkpoint_id=path)
+    if optimizer is not None:
+        optim_loaded = {k[len(_OPTIM_PREFIX) :]: state_dict.pop(k) for k in optim_keys}
+        load_sharded_optimizer_state_dict(model, optimizer, optim_loaded)
     load_sharded_state_dict(model, state_dict)
 
 
