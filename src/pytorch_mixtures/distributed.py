@@ -30,7 +30,12 @@ classic expert-parallel bug).
 Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` use ``torch.distributed.checkpoint``
 with the *unsharded* model's keys (stacked expert weights as ``DTensor`` sharded on the expert
 dimension), so a checkpoint saved on N ranks loads on M ranks, or into an unsharded model in one
-process. :func:`full_state_dict` gathers the unsharded state dict for export.
+process; passing the optimizer saves and reshards its state too (training resumes on another
+rank count). :func:`full_state_dict` gathers the unsharded state dict for export.
+
+Global numbers: :func:`global_routing_stats` all-reduces a layer's routing statistics, and
+:func:`clip_grad_norm_` clips by the norm over every rank's experts (a per-rank norm would
+scale the replicated parameters differently on each rank).
 
 Requirements: every rank of the group calls each MoE layer the same number of times, in the same
 order, with a non-empty input (a rank may route zero tokens, e.g. all padding, but must call the
