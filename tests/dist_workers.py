@@ -449,3 +449,12 @@ def resume_load(rank: int, world: int, path: str, save_world: int, mode: str) ->
     ref = resume_reference(save_world, world)
     with torch.no_grad():
         _close("loss after resuming", _net_loss(model, rank), _net_loss(ref, rank))
+
+
+def check_group_membership(rank: int, world: int) -> None:
+    only_rank0 = dist.new_group([0])  # collective: every rank creates it
+    if rank != 0:
+        import pytest
+
+        with pytest.raises(ValueError, match="not a member"):
+            pm.distributed.expert_parallel(make_layer({}, 1), only_rank0)

@@ -99,6 +99,7 @@ def test_checkpoint_reshard(
 
 def test_errors_world2(pool2: RankPool) -> None:
     pool2.run(w.check_errors, timeout_s=60)
+    pool2.run(w.check_group_membership, timeout_s=60)
 
 
 def test_errors_without_process_group() -> None:

@@ -219,6 +219,10 @@ class ExpertParallelExperts(ExpertsBase):
             raise TypeError("experts: already expert-parallel")
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(
+                f"group: this rank ({dist.get_rank()}) is not a member of the given group"
+            )
         if experts.num_experts % world != 0:
             raise ValueError(
                 f"num_experts: expert parallelism over {world} ranks needs num_experts "
