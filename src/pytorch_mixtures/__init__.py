@@ -10,7 +10,7 @@ Quick start::
     loss = task_loss + pm.aux_loss(model)
 """
 
-from . import dispatch, experts, losses, routing, stats
+from . import checks, dispatch, experts, losses, routing, stats
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
 from .moe_layer import MoELayer
@@ -34,6 +34,7 @@ __all__ = [
     "TopkRouter",
     "__version__",
     "aux_loss",
+    "checks",
     "dispatch",
     "experts",
     "losses",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .checks import check_input_matches, raise_if_nonfinite
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
 from .routing import Router, _check_capacity_factor
@@ -46,6 +47,9 @@ class MoELayer(AuxLossModule):
         num_experts: optional, checked against the experts and the router.
         causal: set True inside an autoregressive model: warns if the router is not causal
             (expert choice looks at the whole sequence).
+        check_finite: raise ``FloatingPointError``, naming the layer, when the input or the
+            output holds NaN or inf (costs a host sync per forward). Without it, non-finite
+            input tokens are counted in ``stats.nonfinite_tokens`` and the forward goes on.
 
     Example::
 
@@ -64,6 +68,7 @@ class MoELayer(AuxLossModule):
         *,
         num_experts: int | None = None,
         causal: bool = False,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -80,6 +85,7 @@ class MoELayer(AuxLossModule):
         if dim != router.dim:
             raise ValueError(f"dim: the router was built for dim={router.dim}, got dim={dim}")
         expert_module = as_experts(experts, dim)
+        _check_same_device(router, expert_module)
         if expert_module.dim != dim:
             raise ValueError(f"experts: built for dim={expert_module.dim}, expected dim={dim}")
         if expert_module.num_experts != router.num_experts:
@@ -105,6 +111,9 @@ class MoELayer(AuxLossModule):
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
+        self.check_finite = bool(check_finite)
+        # qualified name for error messages; set by pytorch_mixtures.checks.name_layers(model)
+        self.layer_name: str | None = None
 
     @property
     def stats(self) -> RoutingStats | None:
@@ -139,6 +148,9 @@ class MoELayer(AuxLossModule):
                 else type(attention_mask).__name__
             )
             raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:-1])}, got {got}")
+        check_input_matches(x, self.experts)
+        if self.check_finite:
+            raise_if_nonfinite(self, "input x", x)
 
         if x.numel() == 0:
             return self._empty_forward(x)
@@ -153,8 +165,11 @@ class MoELayer(AuxLossModule):
         y_ND = dispatch.combine(y_sorted_SD, route, plan)
 
         self._set_aux(route.aux_loss, dict(route.aux_losses))
-        self._stats = routing_stats_from(route, plan)
-        return y_ND.reshape(x.shape).to(x.dtype)
+        self._stats = routing_stats_from(route, plan, x_BTD.reshape(-1, self.dim))
+        y = y_ND.reshape(x.shape).to(x.dtype)
+        if self.check_finite:
+            raise_if_nonfinite(self, "output", y)
+        return y
 
     def _empty_forward(self, x: Tensor) -> Tensor:
         zero = torch.zeros((), device=x.device)
@@ -166,3 +181,15 @@ class MoELayer(AuxLossModule):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}"
+
+
+def _check_same_device(router: Router, experts: nn.Module) -> None:
+    router_param = next(router.parameters(), None)
+    expert_param = next(experts.parameters(), None)
+    if router_param is None or expert_param is None:
+        return
+    if router_param.device != expert_param.device:
+        raise ValueError(
+            f"experts: expected parameters on {router_param.device} (the router's device), "
+            f"got parameters on {expert_param.device}"
+        )

@@ -6,7 +6,7 @@ All fields are tensors computed on the routing device without host syncs; readin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ class RoutingStats:
         dropped_slots: 0-dim int64, requested slots dropped by capacity.
         unrouted_tokens: 0-dim int64, real tokens with no kept slot (their layer output is 0).
         token_choice: True for token-choice routing (top-k), False for expert choice.
+        nonfinite_tokens: 0-dim int64, real tokens whose input row holds NaN or inf. They are
+            routed like any other token (their own output is then non-finite); in dropless
+            top-k routing no other token's output is affected.
     """
 
     tokens_per_expert: Tensor
@@ -37,6 +40,7 @@ class RoutingStats:
     dropped_slots: Tensor
     unrouted_tokens: Tensor
     token_choice: bool = True
+    nonfinite_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -61,8 +65,11 @@ class RoutingStats:
         return load_E.max() / load_E.mean().clamp_min(1e-9)
 
 
-def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
-    """Statistics of one routing and its dispatch plan."""
+def routing_stats_from(
+    route: RouterOutput, plan: DispatchPlan, x_ND: Tensor | None = None
+) -> RoutingStats:
+    """Statistics of one routing and its dispatch plan; ``x_ND`` ``[N, D]`` (the routed input)
+    adds the count of non-finite tokens."""
     num_tokens = route.num_tokens
     if route.token_mask is None:
         real_tokens = torch.tensor(num_tokens, device=route.kept.device)
@@ -77,6 +84,13 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
     unrouted_N = kept_per_token_N.eq(0)
     if route.token_mask is not None:
         unrouted_N = unrouted_N & route.token_mask
+    if x_ND is None:
+        nonfinite = torch.zeros((), dtype=torch.long, device=route.kept.device)
+    else:
+        nonfinite_N = ~torch.isfinite(x_ND.detach()).all(dim=-1)
+        if route.token_mask is not None:
+            nonfinite_N = nonfinite_N & route.token_mask
+        nonfinite = nonfinite_N.sum()
     return RoutingStats(
         tokens_per_expert=plan.tokens_per_expert.detach(),
         num_tokens=real_tokens,
@@ -84,4 +98,5 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
         dropped_slots=dropped,
         unrouted_tokens=unrouted_N.sum(),
         token_choice=route.slots_per_token is not None,
+        nonfinite_tokens=nonfinite,
     )

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import name_layers
 from ..experts import SwiGLUExperts
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
@@ -60,6 +61,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+            if value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k: expected an integer in [1, num_experts={self.num_experts}], "
+                f"got {self.top_k}"
+            )
         if self.kind not in ("dense", "moe", "mod", "mode"):
             raise ValueError(f"kind: expected 'dense', 'moe', 'mod' or 'mode', got {self.kind!r}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -241,6 +253,7 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied embeddings
         self.apply(self._init_weights)
+        name_layers(self)  # errors from a layer say which one ("layers.1.ffn")
 
     def _make_layer(self, index: int) -> nn.Module:
         block = Block(self.config, index)
@@ -269,6 +282,7 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"idx: expected an int64 tensor [B, T], got {idx.dtype} {tuple(idx.shape)}"
             )
+        _check_lm_inputs(idx, targets, attention_mask, position_ids, self.config.vocab_size)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
@@ -341,6 +355,37 @@ class TransformerLM(nn.Module):
             return idx
         finally:
             self.train(was_training)
+
+
+def _check_lm_inputs(
+    idx: Tensor,
+    targets: Tensor | None,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    vocab_size: int,
+) -> None:
+    """Clear errors for what would otherwise fail deep inside (or, on GPU, as a device assert)."""
+    for name, value in (
+        ("targets", targets),
+        ("attention_mask", attention_mask),
+        ("position_ids", position_ids),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name}: expected a Tensor of shape {tuple(idx.shape)}, got {type(value).__name__}"
+            )
+        if value.shape != idx.shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(idx.shape)} (as idx), got {tuple(value.shape)}"
+            )
+    if idx.numel() and not torch.compiler.is_compiling():
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"idx: expected token ids in [0, {vocab_size - 1}], got values in [{low}, {high}]"
+            )
 
 
 def _sample(
