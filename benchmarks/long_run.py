@@ -47,24 +47,29 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=100, help="dead = no token in this many")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     data = corpus()
-    model = TransformerLM(ModelConfig(kind="moe")).train()
+    config = ModelConfig(kind="moe", dim=args.dim, num_layers=args.layers, ffn_hidden=4 * args.dim)
+    model = TransformerLM(config).to(args.device).train()
     moe_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, pm.MoELayer)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     window_load = {n: torch.zeros(m.num_experts, dtype=torch.long) for n, m in moe_layers}
     nonfinite_steps, first_loss, last_losses = 0, math.nan, []
     started = time.perf_counter()
     for step in range(args.steps):
         starts = torch.randint(0, len(data) - args.seq - 1, (args.batch,), generator=generator)
-        chunk = torch.stack([data[s : s + args.seq + 1] for s in starts.tolist()])
+        chunk = torch.stack([data[s : s + args.seq + 1] for s in starts.tolist()]).to(args.device)
         with autocast:
             out = model(chunk[:, :-1], targets=chunk[:, 1:])
         assert out.loss is not None
@@ -76,8 +81,8 @@ def main() -> int:
         )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        loss_value = float(out.loss)
-        if not (math.isfinite(loss_value) and math.isfinite(float(loss)) and grads_finite):
+        loss_value = float(out.loss.detach())
+        if not (math.isfinite(loss_value) and math.isfinite(float(loss.detach())) and grads_finite):
             nonfinite_steps += 1
         if step == 0:
             first_loss = loss_value
