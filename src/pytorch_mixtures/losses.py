@@ -71,9 +71,9 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         # zero tokens: 0, not the NaN of an empty mean
         return values.mean(dim=0) if values.shape[0] else values.sum(dim=0)
-    weights = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    # clamp: an all-padding batch gives 0, not NaN
-    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+    mask = mask.reshape(-1, *([1] * (values.dim() - 1)))
+    # where, not multiply: NaN/inf in a padding row must not leak; clamp: all-padding gives 0
+    return torch.where(mask, values, 0.0).sum(dim=0) / mask.sum().clamp_min(1).to(values.dtype)
 
 
 def balance_loss_from_assignments(
