@@ -102,6 +102,7 @@ def main() -> int:
     params_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     dead = {n: (load == 0).nonzero().flatten().tolist() for n, load in window_load.items()}
     print()
+    print(f"model: dim {args.dim}, {args.layers} layers, top-2 of 8 experts, on {args.device}")
     print(
         f"steps {args.steps}, batch {args.batch} x {args.seq} tokens, {args.dtype}, "
         f"seed {args.seed}, {time.perf_counter() - started:.0f}s"
