@@ -31,7 +31,37 @@ ROUTERS: dict[str, Callable[[], pm.Router]] = {
     "topk_sigmoid": lambda: pm.TopKRouter(D, E, 2, score_func="sigmoid", normalize_weights=False),
     "topk_jitter": lambda: pm.TopKRouter(D, E, 2, jitter_noise=0.1),
     "expert_choice": lambda: pm.ExpertChoiceRouter(D, E, 2.0, z_loss_coef=0.001),
+    "topk_bias": lambda: _with_random_bias(pm.TopKRouter(D, E, 2, expert_bias=True)),
+    "topk_noisy": lambda: pm.TopKRouter(D, E, 2, noisy_gating=True),
+    "topk_groups": lambda: pm.TopKRouter(D, E, 2, num_groups=2, topk_groups=1),
+    "uniform": lambda: pm.UniformRouter(D, E, 2),
 }
+
+
+def _with_random_bias(router: pm.TopKRouter) -> pm.TopKRouter:
+    """A bias-balanced router whose buffer is not all zeros, so round trips are meaningful."""
+    assert router.expert_bias is not None
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.randn(E) * 0.1)
+    return router
+
+
+class HashLayer(nn.Module):
+    """An MoE layer over a HashRouter (its hash table is a buffer), fed fixed token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        vocab = 50
+        self.moe = pm.MoELayer(
+            D, pm.HashRouter(D, E, vocab, seed=int(torch.randint(0, 10**6, ()))), EXPERTS["mlp"]()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[:2]) % 50
+        out: torch.Tensor = self.moe(x, token_ids=ids)
+        return out
+
+
 EXPERTS: dict[str, Callable[[], nn.Module | list[nn.Module]]] = {
     "mlp": lambda: pm.MLPExperts(E, D, 16),
     "swiglu": lambda: pm.SwiGLUExperts(E, D, 16),
@@ -60,6 +90,18 @@ MODULES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tenso
     "moe_stacked": (lambda: moe("topk_capacity", "mlp"), lambda: (torch.randn(2, 5, D),)),
     "moe_list": (lambda: moe("expert_choice", "list"), lambda: (torch.randn(2, 5, D),)),
     "mhsa": (lambda: pm.MHSA(D, 2, causal=True), lambda: (torch.randn(2, 5, D),)),
+    "moe_hash": (HashLayer, lambda: (torch.randn(2, 5, D),)),
+    "moe_shared": (
+        lambda: pm.MoELayer(
+            D,
+            ROUTERS["topk"](),
+            EXPERTS["swiglu"](),
+            shared_experts=nn.Linear(D, D),
+            shared_expert_gate=True,
+        ),
+        lambda: (torch.randn(2, 5, D),),
+    ),
+    "soft_moe": (lambda: pm.SoftMoE(D, E, 2, EXPERTS["mlp"]()), lambda: (torch.randn(2, 5, D),)),
     "lm_moe": (tiny_lm, lambda: (torch.randint(0, 40, (2, 7)),)),
 }
 
@@ -67,6 +109,7 @@ MODULES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tenso
 def outputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Every tensor the module returns, in eval mode (no jitter), as a flat list."""
     module.eval()
+    torch.manual_seed(0)  # random routers (uniform) draw the same choices
     with torch.no_grad():
         out = module(*inputs)
     if isinstance(out, torch.Tensor):
@@ -84,7 +127,10 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("router", sorted(ROUTERS))
+GATED = sorted(name for name in ROUTERS if name != "uniform")
+
+
+@pytest.mark.parametrize("router", GATED)
 @pytest.mark.parametrize("scale", [1e4, -1e4, 1e-30])
 def test_extreme_router_logits_stay_finite(router, scale):
     torch.manual_seed(0)
@@ -325,6 +371,13 @@ def test_activation_checkpointing_gives_same_gradients_and_loads(router):
     assert torch.equal(ckpt_stats.tokens_per_expert, plain_stats.tokens_per_expert)
     assert int(ckpt_stats.num_tokens) == 18
     torch.testing.assert_close(pm.aux_loss(ckpt), pm.aux_loss(plain))
+    plain_router, ckpt_router = plain[1].router, ckpt[1].router
+    if getattr(plain_router, "expert_bias", None) is not None:  # loads counted once
+        assert torch.equal(ckpt_router.pending_loads, plain_router.pending_loads)
+        assert int(plain_router.pending_loads.sum()) == 18 * 2
+        pm.update_expert_bias(plain)
+        pm.update_expert_bias(ckpt)
+        assert torch.equal(ckpt_router.expert_bias, plain_router.expert_bias)
 
 
 @pytest.mark.parametrize(
@@ -422,3 +475,25 @@ def test_no_torch_load_without_weights_only_and_no_pickle_loading():
                 offenders.append(f"{where}: pickle.{node.func.attr} in the library")
     assert not offenders, offenders
     assert len(_python_files()) > 10  # the scan really looked at the tree
+
+
+def test_gradient_accumulation_bias_update_counts_every_micro_batch_once():
+    torch.manual_seed(0)
+    layer = pm.MoELayer(D, ROUTERS["topk_bias"](), EXPERTS["mlp"]()).train()
+    router = layer.router
+    assert isinstance(router, pm.TopKRouter) and router.expert_bias is not None
+    bias_before = router.expert_bias.clone()
+    micro = [torch.randn(2, 5, D) for _ in range(3)]
+    expected_loads = torch.zeros(E, dtype=torch.long)
+    for x in micro:
+        (layer(x).square().mean() + layer.aux_loss).backward()
+        router.eval()  # eval forwards are not counted
+        expected_loads += torch.bincount(router(x).expert_ids, minlength=E)
+        router.train()
+    assert torch.equal(router.pending_loads, expected_loads)
+    pm.update_expert_bias(layer, rate=0.01)
+    mean = expected_loads.float().mean()
+    torch.testing.assert_close(
+        router.expert_bias, bias_before + 0.01 * torch.sign(mean - expected_loads.float())
+    )
+    assert router.pending_loads is None  # reset for the next optimizer step
