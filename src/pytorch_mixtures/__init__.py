@@ -11,8 +11,10 @@ Quick start::
 """
 
 from . import dispatch, experts, losses, routing, stats
+from . import mod as mod
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
+from .mod import HFDecoderLayerAdapter, MixtureOfDepths, MoDLayer, MoDStats, calibrate_thresholds
 from .moe_layer import MoELayer
 from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
 from .stats import RoutingStats
@@ -23,7 +25,11 @@ __version__ = "0.2.0"
 __all__ = [
     "MHSA",
     "ExpertChoiceRouter",
+    "HFDecoderLayerAdapter",
     "MLPExperts",
+    "MixtureOfDepths",
+    "MoDLayer",
+    "MoDStats",
     "MoELayer",
     "ModuleListExperts",
     "Router",
@@ -34,9 +40,11 @@ __all__ = [
     "TopkRouter",
     "__version__",
     "aux_loss",
+    "calibrate_thresholds",
     "dispatch",
     "experts",
     "losses",
+    "mod",
     "routing",
     "stats",
 ]
