@@ -131,7 +131,9 @@ class HFDecoderLayerAdapter(BlockAdapter):
     float mask ``[B, 1, K, K]`` built from positions and validity (0 where ``pos_k <= pos_q`` and
     the key is valid, the dtype's minimum elsewhere), which is what eager and SDPA attention in
     ``transformers`` accept. Decoder layers return a tensor (transformers >= 4.56) or a tuple
-    whose first item is the hidden states; both are handled.
+    whose first item is the hidden states; both are handled. Hugging Face's own KV ``Cache``
+    assumes every token reaches every layer, so decode with the full model there, or use the
+    reference decoder in :mod:`pytorch_mixtures.models`, whose cache is position-based.
 
     Args:
         layer: e.g. ``transformers.models.llama.modeling_llama.LlamaDecoderLayer``.
@@ -373,7 +375,10 @@ class MixtureOfDepths(AuxLossModule):
     ) -> Tensor:
         """Gather the selected tokens in order, run the block on them, scatter the update back."""
         count_B = selected_BT.sum(-1)
-        num_slots = int(count_B.max()) if count_B.numel() else 0  # one host sync: shapes
+        if count_B.numel() == 0:
+            return x
+        # the one host sync: the gathered width is a shape
+        num_slots, fewest = (int(v) for v in torch.stack([count_B.max(), count_B.min()]).tolist())
         if num_slots == 0:
             return x  # nothing to process: the block is not called (a KV cache does not grow)
         # selected tokens first, each group in original order (stable sort on "not selected")
@@ -390,9 +395,10 @@ class MixtureOfDepths(AuxLossModule):
         x_gathered_BKD = x.gather(1, idx_BKD)
         x_sel_BKD = torch.where(valid_BK[..., None], x_gathered_BKD, 0.0)
 
-        all_valid = no_padding and bool(valid_BK.all())
+        all_valid = no_padding and fewest == num_slots
         rows_R = None
-        if not block_kwargs and not all_valid and bool((count_B == 0).any()):
+        per_row_state = any(v is not None for v in block_kwargs.values())  # e.g. a KV cache
+        if not per_row_state and fewest == 0:
             # a row with nothing to process skips the block entirely: a naive attention block
             # would give its all-masked softmax NaN, and NaN * 0 reaches the gradients
             rows_R = (count_B > 0).nonzero().squeeze(-1)
@@ -401,7 +407,9 @@ class MixtureOfDepths(AuxLossModule):
                 x_sel_BKD, pos_BK, None if all_valid else valid_BK, **block_kwargs
             )
         else:
-            y_RKD = self._run_block(x_sel_BKD[rows_R], pos_BK[rows_R], valid_BK[rows_R])
+            y_RKD = self._run_block(
+                x_sel_BKD[rows_R], pos_BK[rows_R], valid_BK[rows_R], **block_kwargs
+            )
             y_BKD = x_sel_BKD.to(y_RKD.dtype).index_copy(0, rows_R, y_RKD)
         y_BKD = torch.where(valid_BK[..., None], y_BKD.to(x.dtype), 0.0)
         delta_BKD = y_BKD - x_sel_BKD if self.block_returns_residual else y_BKD
