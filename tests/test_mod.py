@@ -325,6 +325,36 @@ def test_invalid_slots_see_a_real_key_in_a_naive_softmax_block():
     torch.testing.assert_close(out, naive_mod(mod, x, mask))
 
 
+class FullMaskAttention(nn.Module):
+    """Single-head attention taking a full bool mask ``[B, Q, K]``; returns ``x + attn(x)``."""
+
+    def __init__(self, dim: int = DIM) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def test_mask_adapter_passes_the_position_rule_as_a_full_mask():
+    torch.manual_seed(0)
+    inner = FullMaskAttention()
+    mod = pm.MixtureOfDepths(pm.mod.MaskAdapter(inner), DIM, capacity=0.5)
+    x = torch.randn(3, 8, DIM)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    out = mod(x, attention_mask=mask)
+    scores = (x @ mod.router.weight[0]).tolist()
+    for b in range(3):
+        real = [t for t in range(8) if mask[b, t]]
+        picks = naive_choice(scores[b], real, 0.5)
+        causal = torch.ones(len(picks), len(picks), dtype=torch.bool).tril()[None]
+        y = inner(x[b, picks][None], attn_mask=causal)[0]
+        gate = torch.sigmoid(torch.tensor([scores[b][t] for t in picks]))[:, None]
+        torch.testing.assert_close(out[b, picks], x[b, picks] + gate * (y - x[b, picks]))
+
+
 def test_bf16_autocast():
     mod = make_mod(capacity=0.5)
     x = torch.randn(2, 8, DIM, requires_grad=True)

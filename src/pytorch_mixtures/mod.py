@@ -25,8 +25,9 @@ Blocks: any ``nn.Module`` mapping ``[B, K, D] -> [B, K, D]``. A block whose ``fo
 ``attention_mask`` and/or ``position_ids`` receives the validity ``[B, K]`` (True = real token)
 and the gathered true positions ``[B, K]``; a block that builds its attention mask by the rule
 "attend iff ``pos_k <= pos_q`` and key valid" is then exactly right. Blocks with other
-conventions go through an adapter (:class:`BlockAdapter`), e.g. :class:`HFDecoderLayerAdapter`
-for Hugging Face Llama-style decoder layers.
+conventions go through an adapter (:class:`BlockAdapter`): :class:`MaskAdapter` for blocks that
+take a full ``[B, K, K]`` mask, :class:`HFDecoderLayerAdapter` for Hugging Face Llama-style
+decoder layers.
 
 Shape legend: B batch, T sequence, K gathered slots per row (max over rows), D model dim.
 """
@@ -48,6 +49,7 @@ from .losses import AuxLossModule
 __all__ = [
     "BlockAdapter",
     "HFDecoderLayerAdapter",
+    "MaskAdapter",
     "MixtureOfDepths",
     "MoDLayer",
     "MoDStats",
@@ -121,6 +123,32 @@ class BlockAdapter(nn.Module):
         self, x: Tensor, position_ids: Tensor, valid: Tensor | None, **kwargs: Any
     ) -> Tensor:
         raise NotImplementedError
+
+
+class MaskAdapter(BlockAdapter):
+    """Calls a block that takes a full attention mask: ``block(x, **{mask_arg: mask_BKK})``.
+
+    ``mask_BKK`` is the bool :func:`position_causal_mask` of the gathered tokens (True = may
+    attend). With ``positions_arg`` the true positions ``[B, K]`` go along under that name (for
+    blocks that apply RoPE themselves).
+    """
+
+    def __init__(
+        self, block: nn.Module, mask_arg: str = "attn_mask", positions_arg: str | None = None
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.mask_arg = mask_arg
+        self.positions_arg = positions_arg
+
+    def forward(
+        self, x: Tensor, position_ids: Tensor, valid: Tensor | None, **kwargs: Any
+    ) -> Tensor:
+        kwargs[self.mask_arg] = position_causal_mask(position_ids, position_ids, valid)
+        if self.positions_arg is not None:
+            kwargs[self.positions_arg] = position_ids
+        y: Tensor = self.block(x, **kwargs)
+        return y
 
 
 class HFDecoderLayerAdapter(BlockAdapter):
