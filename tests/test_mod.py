@@ -355,6 +355,7 @@ def test_mask_adapter_passes_the_position_rule_as_a_full_mask():
         torch.testing.assert_close(out[b, picks], x[b, picks] + gate * (y - x[b, picks]))
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_bf16_autocast():
     mod = make_mod(capacity=0.5)
     x = torch.randn(2, 8, DIM, requires_grad=True)
