@@ -10,7 +10,7 @@ Quick start::
     loss = task_loss + pm.aux_loss(model)
 """
 
-from . import dispatch, experts, losses, routing, stats
+from . import dispatch, experts, interop, losses, routing, stats
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
 from .moe_layer import MoELayer
@@ -36,6 +36,7 @@ __all__ = [
     "aux_loss",
     "dispatch",
     "experts",
+    "interop",
     "losses",
     "routing",
     "stats",
