@@ -88,7 +88,10 @@ def out_and_grads(module: nn.Module, x: torch.Tensor, params: list[torch.Tensor]
     probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y * probe).sum().backward()
     # an expert no token chose has no gradient in HF's loop (None) and zero in the library's
-    return y.detach(), [x.grad, *[torch.zeros_like(p) if p.grad is None else p.grad for p in params]]
+    return y.detach(), [
+        x.grad,
+        *[torch.zeros_like(p) if p.grad is None else p.grad for p in params],
+    ]
 
 
 def assert_block_equivalent(block: nn.Module, moe: pm.MoELayer, shape, hf_params, pm_params):
@@ -163,7 +166,9 @@ def test_olmoe_block_equivalence():
     assert_block_equivalent(block, moe, (2, 6, 12), *fused_params(block, moe))
 
 
-@pytest.mark.parametrize(("dim", "hidden", "experts", "act"), [(16, 32, 4, "relu"), (8, 12, 8, "gelu")])
+@pytest.mark.parametrize(
+    ("dim", "hidden", "experts", "act"), [(16, 32, 4, "relu"), (8, 12, 8, "gelu")]
+)
 def test_switch_block_equivalence_when_no_token_overflows(dim, hidden, experts, act):
     from transformers.models.switch_transformers.modeling_switch_transformers import (
         load_balancing_loss_func,
@@ -179,7 +184,10 @@ def test_switch_block_equivalence_when_no_token_overflows(dim, hidden, experts, 
     hf_params = [block.router.classifier.weight]
     ours = [(moe.router.gate.weight, lambda g: g)]
     for e in range(experts):
-        hf_params += [block.experts[f"expert_{e}"].wi.weight, block.experts[f"expert_{e}"].wo.weight]
+        hf_params += [
+            block.experts[f"expert_{e}"].wi.weight,
+            block.experts[f"expert_{e}"].wo.weight,
+        ]
         ours += [
             (moe.experts.w_in, lambda g, e=e: g[e].T),
             (moe.experts.w_out, lambda g, e=e: g[e].T),
@@ -236,7 +244,7 @@ def test_round_trip_and_to_hf_carries_trained_weights(family):
 
 
 def test_bad_inputs_name_the_argument():
-    with pytest.raises(TypeError, match="block: expected one of .*MixtralSparseMoeBlock"):
+    with pytest.raises(TypeError, match=r"block: expected one of .*MixtralSparseMoeBlock"):
         pm.interop.from_hf(nn.Linear(4, 4))
     block = mixtral_block(16, 8, 4, 2, seed=0)
     moe = pm.interop.from_hf(block)
@@ -244,7 +252,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"moe.router.top_k: expected 3 .* got 2"):
         pm.interop.to_hf(moe, like=other)
     wider = mixtral_block(16, 12, 4, 2, seed=0)
-    with pytest.raises(ValueError, match="like.experts.gate_up_proj: expected shape"):
+    with pytest.raises(ValueError, match=r"like\.experts\.gate_up_proj: expected shape"):
         pm.interop.to_hf(moe, like=wider)
     with pytest.raises(TypeError, match="moe: expected a pytorch_mixtures MoELayer"):
         pm.interop.to_hf(block, like=block)
@@ -252,8 +260,10 @@ def test_bad_inputs_name_the_argument():
         SwitchTransformersSparseMLP,
     )
 
-    config = transformers.SwitchTransformersConfig(d_model=8, d_ff=8, num_experts=2, router_bias=True)
-    with pytest.raises(ValueError, match="router.classifier.bias: expected None"):
+    config = transformers.SwitchTransformersConfig(
+        d_model=8, d_ff=8, num_experts=2, router_bias=True
+    )
+    with pytest.raises(ValueError, match=r"router\.classifier\.bias: expected None"):
         pm.interop.from_hf(SwitchTransformersSparseMLP(config))
     block.experts.act_fn = nn.GELU()
     with pytest.raises(ValueError, match="act_fn: expected silu"):

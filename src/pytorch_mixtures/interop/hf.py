@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ from ..routing import TopKRouter
 
 __all__ = ["from_hf", "supported_blocks", "to_hf"]
 
+# transformers modules are typed by duck: their submodules and tensors are read by name
+HFModule = Any
+
 # defaults of TopKRouter, repeated here so from_hf's signature documents them
 _BALANCE_COEF = 0.01
 _Z_COEF = 0.001
@@ -63,8 +67,8 @@ class _Family:
     """How one Hugging Face block class maps to a library layer and back."""
 
     name: str
-    from_hf: Callable[[nn.Module, float, float], MoELayer]
-    to_hf: Callable[[MoELayer, nn.Module], None]
+    from_hf: Callable[[HFModule, float, float], MoELayer]
+    to_hf: Callable[[MoELayer, HFModule], None]
 
 
 def _activation_name(act: Callable[[Tensor], Tensor]) -> str:
@@ -91,9 +95,10 @@ def _activation_name(act: Callable[[Tensor], Tensor]) -> str:
     )
 
 
-def _check_fused_experts(experts: nn.Module) -> None:
+def _check_fused_experts(experts: HFModule) -> None:
     """The fused layout: concatenated [gate; up], not transposed, no biases."""
-    for attr, expected in (("is_transposed", False), ("is_concatenated", True), ("has_bias", False)):
+    layout = (("is_transposed", False), ("is_concatenated", True), ("has_bias", False))
+    for attr, expected in layout:
         value = getattr(experts, attr, expected)
         if value != expected:
             raise ValueError(
@@ -108,7 +113,7 @@ def _check_fused_experts(experts: nn.Module) -> None:
             )
 
 
-def _swiglu_from_fused(experts: nn.Module) -> SwiGLUExperts:
+def _swiglu_from_fused(experts: HFModule) -> SwiGLUExperts:
     """``gate_up_proj`` ``[E, 2H, D]`` / ``down_proj`` ``[E, D, H]`` -> :class:`SwiGLUExperts`."""
     _check_fused_experts(experts)
     act = _activation_name(experts.act_fn)
@@ -126,7 +131,7 @@ def _swiglu_from_fused(experts: nn.Module) -> SwiGLUExperts:
     return out
 
 
-def _swiglu_to_fused(experts: nn.Module, like_experts: nn.Module) -> None:
+def _swiglu_to_fused(experts: nn.Module, like_experts: HFModule) -> None:
     if not isinstance(experts, SwiGLUExperts):
         raise TypeError(f"moe.experts: expected SwiGLUExperts, got {type(experts).__name__}")
     _check_fused_experts(like_experts)
@@ -201,12 +206,12 @@ def _copy_gate(router: TopKRouter, target_ED: Tensor) -> None:
 # --- Mixtral, Qwen3-MoE, OLMoE: softmax top-k over fused SwiGLU experts -----------------------
 
 
-def _normalizes(block: nn.Module) -> bool:
+def _normalizes(block: HFModule) -> bool:
     # Mixtral's router always renormalises and has no flag; Qwen/OLMoE carry norm_topk_prob
     return bool(getattr(block.gate, "norm_topk_prob", True))
 
 
-def _softmax_topk_from_hf(block: nn.Module, balance_coef: float, z_coef: float) -> MoELayer:
+def _softmax_topk_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoELayer:
     router = _topk_router(
         block.gate.weight,
         int(block.gate.top_k),
@@ -219,7 +224,7 @@ def _softmax_topk_from_hf(block: nn.Module, balance_coef: float, z_coef: float) 
     return MoELayer(router.dim, router, experts, causal=True)
 
 
-def _softmax_topk_to_hf(moe: MoELayer, block: nn.Module) -> None:
+def _softmax_topk_to_hf(moe: MoELayer, block: HFModule) -> None:
     router = _check_router(
         moe, top_k=int(block.gate.top_k), normalize=_normalizes(block), family="top-k"
     )
@@ -235,7 +240,7 @@ def _softmax_topk_to_hf(moe: MoELayer, block: nn.Module) -> None:
 # --- Switch Transformers: top-1, raw probability, per-expert ModuleDict --------------------------
 
 
-def _switch_expert_linears(block: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+def _switch_expert_linears(block: HFModule) -> list[tuple[nn.Linear, nn.Linear]]:
     pairs = []
     for index in range(int(block.router.num_experts)):
         expert = block.experts[f"expert_{index}"]
@@ -245,7 +250,7 @@ def _switch_expert_linears(block: nn.Module) -> list[tuple[nn.Linear, nn.Linear]
     return pairs
 
 
-def _switch_from_hf(block: nn.Module, balance_coef: float, z_coef: float) -> MoELayer:
+def _switch_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoELayer:
     classifier: nn.Linear = block.router.classifier
     if classifier.bias is not None:
         raise ValueError(
@@ -272,7 +277,7 @@ def _switch_from_hf(block: nn.Module, balance_coef: float, z_coef: float) -> MoE
     return MoELayer(router.dim, router, experts, causal=True)
 
 
-def _switch_to_hf(moe: MoELayer, block: nn.Module) -> None:
+def _switch_to_hf(moe: MoELayer, block: HFModule) -> None:
     router = _check_router(moe, top_k=1, normalize=False, family="Switch")
     experts = moe.experts
     if not isinstance(experts, MLPExperts) or experts.b_in is not None:
@@ -318,9 +323,7 @@ def _family_of(block: object, argument: str) -> _Family:
     name = type(block).__name__
     family = _families().get(name)
     if family is None:
-        raise TypeError(
-            f"{argument}: expected one of {', '.join(supported_blocks())}, got {name}"
-        )
+        raise TypeError(f"{argument}: expected one of {', '.join(supported_blocks())}, got {name}")
     return family
 
 
@@ -333,8 +336,9 @@ def from_hf(
     """An equivalent :class:`MoELayer` for a Hugging Face sparse-MoE block.
 
     Weights are copied (the layer shares no storage with ``block``) onto the block's device
-    and dtype; the layer is in the block's train/eval mode. The layer's forward on ``x`` ``[B, T, D]`` equals ``block(x)`` (float32, eval
-    mode; see the module notes for the corners where semantics differ), and its
+    and dtype; the layer is in the block's train/eval mode. Its forward on ``x``
+    ``[B, T, D]`` equals ``block(x)`` (float32, eval mode; see the module notes for the
+    corners where semantics differ), and its
     ``aux_losses["load_balancing"]`` equals ``transformers``' ``load_balancing_loss_func`` on
     the same router logits.
 

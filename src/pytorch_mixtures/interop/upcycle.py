@@ -69,7 +69,7 @@ def _add_noise(tensor: Tensor, noise: float, generator: torch.Generator | None) 
 
 
 def _experts_from_mlp(
-    mlp: nn.Module, num_experts: int, noise: float, generator: torch.Generator | None
+    mlp: Any, num_experts: int, noise: float, generator: torch.Generator | None
 ) -> ExpertsBase:
     """E copies of ``mlp``: stacked SwiGLU for Llama-style MLPs, else a list of deep copies."""
     with torch.no_grad():
@@ -78,15 +78,15 @@ def _experts_from_mlp(
             up_HD = mlp.up_proj.weight
             down_DH = mlp.down_proj.weight
             hidden, dim = gate_HD.shape
-            experts: ExpertsBase = SwiGLUExperts(num_experts, dim, hidden)
-            experts.to(device=gate_HD.device, dtype=gate_HD.dtype)
+            stacked = SwiGLUExperts(num_experts, dim, hidden)
+            stacked.to(device=gate_HD.device, dtype=gate_HD.dtype)
             gate_up_D2H = torch.cat([gate_HD.T, up_HD.T], dim=1)
-            experts.w_gate_up.copy_(gate_up_D2H.unsqueeze(0).expand_as(experts.w_gate_up))
-            experts.w_down.copy_(down_DH.T.unsqueeze(0).expand_as(experts.w_down))
+            stacked.w_gate_up.copy_(gate_up_D2H.unsqueeze(0).expand_as(stacked.w_gate_up))
+            stacked.w_down.copy_(down_DH.T.unsqueeze(0).expand_as(stacked.w_down))
             for index in range(num_experts):
-                _add_noise(experts.w_gate_up[index], noise, generator)
-                _add_noise(experts.w_down[index], noise, generator)
-            return experts
+                _add_noise(stacked.w_gate_up[index], noise, generator)
+                _add_noise(stacked.w_down[index], noise, generator)
+            return stacked
         copies = [copy.deepcopy(mlp) for _ in range(num_experts)]
         for expert in copies:
             for param in expert.parameters():
