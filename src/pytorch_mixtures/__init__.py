@@ -10,12 +10,26 @@ Quick start::
     loss = task_loss + pm.aux_loss(model)
 """
 
-from . import dispatch, experts, interop, losses, routing, stats
+from . import (
+    balancing,
+    dispatch,
+    experts,
+    interop,
+    losses,
+    routers,
+    routing,
+    soft_moe,
+    stats,
+    telemetry,
+)
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
 from .moe_layer import MoELayer
+from .routers import HashRouter, UniformRouter, update_expert_bias
 from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
+from .soft_moe import SoftMoE
 from .stats import RoutingStats
+from .telemetry import plot_expert_load, routing_stats
 from .utils import MHSA
 
 __version__ = "0.2.0"
@@ -23,21 +37,31 @@ __version__ = "0.2.0"
 __all__ = [
     "MHSA",
     "ExpertChoiceRouter",
+    "HashRouter",
     "MLPExperts",
     "MoELayer",
     "ModuleListExperts",
     "Router",
     "RouterOutput",
     "RoutingStats",
+    "SoftMoE",
     "SwiGLUExperts",
     "TopKRouter",
     "TopkRouter",
+    "UniformRouter",
     "__version__",
     "aux_loss",
+    "balancing",
     "dispatch",
     "experts",
     "interop",
     "losses",
+    "plot_expert_load",
+    "routers",
     "routing",
+    "routing_stats",
+    "soft_moe",
     "stats",
+    "telemetry",
+    "update_expert_bias",
 ]

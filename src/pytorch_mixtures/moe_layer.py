@@ -46,6 +46,10 @@ class MoELayer(AuxLossModule):
         num_experts: optional, checked against the experts and the router.
         causal: set True inside an autoregressive model: warns if the router is not causal
             (expert choice looks at the whole sequence).
+        shared_experts: optional always-on module ``[N, D] -> [N, D]`` (DeepSeekMoE, Qwen2-MoE)
+            whose output is added to the routed output of every real token (zero on padding).
+        shared_expert_gate: scale the shared output by ``sigmoid(x @ w)``, ``w`` ``[D]`` learned
+            (Qwen2-MoE's ``shared_expert_gate``, ``nn.Linear(D, 1, bias=False)``).
 
     Example::
 
@@ -64,6 +68,8 @@ class MoELayer(AuxLossModule):
         *,
         num_experts: int | None = None,
         causal: bool = False,
+        shared_experts: nn.Module | None = None,
+        shared_expert_gate: bool = False,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -105,13 +111,23 @@ class MoELayer(AuxLossModule):
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
+        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+            raise TypeError(
+                f"shared_experts: expected an nn.Module, got {type(shared_experts).__name__}"
+            )
+        if shared_expert_gate and shared_experts is None:
+            raise ValueError("shared_expert_gate: True needs shared_experts, got None")
+        self.shared_experts = shared_experts
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
 
     @property
     def stats(self) -> RoutingStats | None:
         """Routing statistics of the last forward (None before the first)."""
         return self._stats
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> Tensor:
         """Apply the layer.
 
         Args:
@@ -119,6 +135,8 @@ class MoELayer(AuxLossModule):
                 dimensions other than the last two are flattened into the batch.
             attention_mask: optional mask of shape ``x.shape[:-1]`` (1 = token, 0 = padding).
                 Padding tokens are not routed (output zero) and are excluded from aux losses.
+            token_ids: optional integer tensor of shape ``x.shape[:-1]``, for routers that
+                route on token ids (``HashRouter``, which requires it); others ignore it.
 
         Returns:
             ``[..., D]`` tensor of ``x``'s dtype: the sum of each token's weighted expert
@@ -146,15 +164,29 @@ class MoELayer(AuxLossModule):
         x_BTD = x.reshape(-1, seq_len, self.dim)
         mask_BT = None if attention_mask is None else attention_mask.reshape(x_BTD.shape[:2])
 
-        route = self.router(x_BTD, mask_BT)
+        if self.router.uses_token_ids:
+            route = self.router(x_BTD, mask_BT, token_ids=token_ids)
+        else:
+            route = self.router(x_BTD, mask_BT)
         plan = dispatch.plan_dispatch(route)
         x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
         y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert)
         y_ND = dispatch.combine(y_sorted_SD, route, plan)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self._shared_forward(x_BTD.reshape(-1, self.dim), mask_BT)
 
         self._set_aux(route.aux_loss, dict(route.aux_losses))
         self._stats = routing_stats_from(route, plan)
         return y_ND.reshape(x.shape).to(x.dtype)
+
+    def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:
+        assert self.shared_experts is not None
+        shared_ND: Tensor = self.shared_experts(x_ND)
+        if self.shared_expert_gate is not None:
+            shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
+        if mask_BT is not None:
+            shared_ND = torch.where(mask_BT.reshape(-1, 1).bool(), shared_ND, 0.0)
+        return shared_ND
 
     def _empty_forward(self, x: Tensor) -> Tensor:
         zero = torch.zeros((), device=x.device)
