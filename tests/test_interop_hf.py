@@ -21,8 +21,10 @@ ATOL, RTOL = 1e-5, 1e-5
 def randomize(module: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        # float buffers too: DeepSeek-V3's e_score_correction_bias must change the selection
+        tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+        for tensor in tensors:
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
     return module.eval()
 
 
@@ -51,6 +53,39 @@ def qwen3_block(dim: int, hidden: int, experts: int, top_k: int, norm: bool, see
     )
     config._experts_implementation = "eager"
     return randomize(Qwen3MoeSparseMoeBlock(config), seed)
+
+
+def qwen2_block(dim: int, hidden: int, shared: int, experts: int, top_k: int, norm: bool, seed):
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=dim,
+        moe_intermediate_size=hidden,
+        shared_expert_intermediate_size=shared,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+    )
+    config._experts_implementation = "eager"
+    return randomize(Qwen2MoeSparseMoeBlock(config), seed)
+
+
+def deepseek_block(dim, hidden, experts, top_k, groups, topk_groups, norm, scale, shared, seed):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = transformers.DeepseekV3Config(
+        hidden_size=dim,
+        moe_intermediate_size=hidden,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        n_group=groups,
+        topk_group=topk_groups,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scale,
+        n_shared_experts=shared,
+    )
+    config._experts_implementation = "eager"
+    return randomize(DeepseekV3MoE(config), seed)
 
 
 def olmoe_block(dim: int, hidden: int, experts: int, top_k: int, seed: int) -> nn.Module:
@@ -160,6 +195,60 @@ def test_qwen3_moe_block_equivalence(dim, hidden, experts, top_k, norm):
     torch.testing.assert_close(moe.aux_losses["load_balancing"], want)
 
 
+def shared_params(block: nn.Module, moe: pm.MoELayer, hf_name: str):
+    hf, ours = fused_params(block, moe)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        hf.append(getattr(getattr(block, hf_name), name).weight)
+        ours.append((getattr(moe.shared_experts, name).weight, lambda g: g))
+    return hf, ours
+
+
+@pytest.mark.parametrize(
+    ("dim", "hidden", "shared", "experts", "top_k", "norm"),
+    [(16, 8, 24, 8, 2, False), (24, 12, 12, 4, 3, True), (8, 16, 32, 6, 1, False)],
+)
+def test_qwen2_moe_block_with_gated_shared_expert(dim, hidden, shared, experts, top_k, norm):
+    block = qwen2_block(dim, hidden, shared, experts, top_k, norm, seed=dim + shared)
+    moe = pm.interop.from_hf(block)
+    assert isinstance(moe.shared_experts, pm.interop.SwiGLUMLP)
+    hf, ours = shared_params(block, moe, "shared_expert")
+    hf.append(block.shared_expert_gate.weight)
+    ours.append((moe.shared_expert_gate.weight, lambda g: g))
+    assert_block_equivalent(block, moe, (3, 6, dim), hf, ours)
+    x = torch.randn(3, 6, dim)
+    moe(x)
+    want = hf_balance_loss(block.gate(x)[0].detach(), experts, top_k)
+    torch.testing.assert_close(moe.aux_losses["load_balancing"], want)
+
+
+@pytest.mark.parametrize(
+    ("dim", "experts", "top_k", "groups", "topk_groups", "norm", "scale", "shared"),
+    [
+        (16, 8, 2, 4, 2, True, 2.5, 1),
+        (24, 16, 4, 4, 1, True, 1.0, 2),
+        (8, 8, 3, 1, 1, False, 1.5, 1),
+        (16, 12, 2, 3, 2, False, 2.5, 1),
+    ],
+)
+def test_deepseek_v3_block_equivalence(
+    dim, experts, top_k, groups, topk_groups, norm, scale, shared
+):
+    block = deepseek_block(
+        dim, 8, experts, top_k, groups, topk_groups, norm, scale, shared, seed=dim
+    )
+    moe = pm.interop.from_hf(block)
+    router = moe.router
+    assert router.score_func == "sigmoid" and router.routed_scaling_factor == scale
+    assert (router.num_groups, router.topk_groups) == (groups, topk_groups)
+    assert torch.equal(router.expert_bias, block.gate.e_score_correction_bias)
+    assert_block_equivalent(block, moe, (2, 9, dim), *shared_params(block, moe, "shared_experts"))
+    # the bias matters: without it the selection (hence the output) changes
+    x = torch.randn(2, 9, dim)
+    with torch.no_grad():
+        router.expert_bias.zero_()
+    assert not torch.allclose(moe(x), block(x), atol=1e-4)
+
+
 def test_olmoe_block_equivalence():
     block = olmoe_block(12, 20, 6, 2, seed=3)
     moe = pm.interop.from_hf(block)
@@ -218,6 +307,8 @@ def test_switch_capacity_semantics_differ_and_are_documented():
 FAMILIES = {
     "mixtral": lambda: mixtral_block(16, 8, 4, 2, seed=11),
     "qwen3": lambda: qwen3_block(16, 8, 4, 2, False, seed=12),
+    "qwen2": lambda: qwen2_block(16, 8, 12, 4, 2, True, seed=15),
+    "deepseek": lambda: deepseek_block(16, 8, 8, 2, 4, 2, True, 2.5, 1, seed=16),
     "olmoe": lambda: olmoe_block(16, 8, 4, 2, seed=13),
     "switch": lambda: switch_block(16, 8, 4, 4, seed=14),
 }

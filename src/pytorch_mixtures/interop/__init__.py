@@ -10,7 +10,7 @@
 imports it: the functions work on the modules you pass in.
 """
 
-from .hf import from_hf, supported_blocks, to_hf
+from .hf import SwiGLUMLP, from_hf, supported_blocks, to_hf
 from .upcycle import attach_aux_loss, moeify
 
-__all__ = ["attach_aux_loss", "from_hf", "moeify", "supported_blocks", "to_hf"]
+__all__ = ["SwiGLUMLP", "attach_aux_loss", "from_hf", "moeify", "supported_blocks", "to_hf"]

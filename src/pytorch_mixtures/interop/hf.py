@@ -52,7 +52,7 @@ from ..experts import MLPExperts, SwiGLUExperts
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
 
-__all__ = ["from_hf", "supported_blocks", "to_hf"]
+__all__ = ["SwiGLUMLP", "from_hf", "supported_blocks", "to_hf"]
 
 # transformers modules are typed by duck: their submodules and tensors are read by name
 HFModule = Any
@@ -149,24 +149,12 @@ def _swiglu_to_fused(experts: nn.Module, like_experts: HFModule) -> None:
 
 
 def _topk_router(
-    weight_ED: Tensor,
-    top_k: int,
-    *,
-    normalize: bool,
-    jitter: float,
-    balance_coef: float,
-    z_coef: float,
+    weight_ED: Tensor, spec: dict[str, Any], balance_coef: float, z_coef: float
 ) -> TopKRouter:
+    """A :class:`TopKRouter` with the routing ``spec`` (TopKRouter keyword arguments)."""
     num_experts, dim = weight_ED.shape
     router = TopKRouter(
-        dim,
-        num_experts,
-        top_k,
-        score_func="softmax",
-        normalize_weights=normalize,
-        jitter_noise=jitter,
-        balance_loss_coef=balance_coef,
-        z_loss_coef=z_coef,
+        dim, num_experts, balance_loss_coef=balance_coef, z_loss_coef=z_coef, **spec
     )
     router.to(device=weight_ED.device, dtype=weight_ED.dtype)
     with torch.no_grad():
@@ -174,67 +162,188 @@ def _topk_router(
     return router
 
 
-def _check_router(moe: MoELayer, *, top_k: int, normalize: bool, family: str) -> TopKRouter:
+def _check_router(moe: MoELayer, spec: dict[str, Any], family: str) -> TopKRouter:
+    """``moe.router`` routes as ``spec`` says (jitter aside: it only acts in training)."""
     router = moe.router
     if not isinstance(router, TopKRouter):
-        raise TypeError(f"moe.router: expected a TopKRouter for {family}, got {type(router)}")
-    got = {
-        "top_k": router.top_k,
-        "score_func": router.score_func,
-        "normalize_weights": router.normalize_weights,
-    }
-    want = {"top_k": top_k, "score_func": "softmax", "normalize_weights": normalize}
+        raise TypeError(
+            f"moe.router: expected a TopKRouter for {family}, got {type(router).__name__}"
+        )
+    want = {key: value for key, value in spec.items() if key != "jitter_noise"}
+    want.setdefault("capacity_factor", None)
     for key, value in want.items():
-        if got[key] != value:
+        got = getattr(router, key, None)
+        if key == "expert_bias":
+            got = got is not None
+        if got != value:
             raise ValueError(
-                f"moe.router.{key}: expected {value!r} (the {family} block's routing), "
-                f"got {got[key]!r}"
+                f"moe.router.{key}: expected {value!r} (the {family} block's routing), got {got!r}"
             )
     return router
 
 
-def _copy_gate(router: TopKRouter, target_ED: Tensor) -> None:
-    if target_ED.shape != router.gate.weight.shape:
+def _copy_into(target: Tensor, source: Tensor, what: str) -> None:
+    if target.shape != source.shape:
         raise ValueError(
-            f"like's router weight: expected shape {tuple(router.gate.weight.shape)} "
-            f"(from moe.router), got {tuple(target_ED.shape)}"
+            f"like's {what}: expected shape {tuple(source.shape)} (from moe), "
+            f"got {tuple(target.shape)}"
         )
     with torch.no_grad():
-        target_ED.copy_(router.gate.weight)
+        target.copy_(source)
 
 
-# --- Mixtral, Qwen3-MoE, OLMoE: softmax top-k over fused SwiGLU experts -----------------------
+def _copy_gate(router: TopKRouter, target_ED: Tensor) -> None:
+    _copy_into(target_ED, router.gate.weight, "router weight")
 
 
-def _normalizes(block: HFModule) -> bool:
-    # Mixtral's router always renormalises and has no flag; Qwen/OLMoE carry norm_topk_prob
-    return bool(getattr(block.gate, "norm_topk_prob", True))
+# --- shared experts (Qwen2-MoE, DeepSeek-V3): a dense SwiGLU MLP, optionally gated ----------
+
+
+class SwiGLUMLP(nn.Module):
+    """A dense SwiGLU MLP ``down(silu(gate(x)) * up(x))``, bias-free (Shazeer 2020).
+
+    The library's form of Hugging Face's shared experts (``Qwen2MoeMLP``, ``DeepseekV3MLP``);
+    parameter names follow them (``gate_proj``, ``up_proj``: ``nn.Linear(D, H)``;
+    ``down_proj``: ``nn.Linear(H, D)``). Maps ``[..., D] -> [..., D]``.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
+
+
+_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _check_hf_mlp(mlp: HFModule, what: str) -> None:
+    for name in _MLP_LINEARS:
+        layer = getattr(mlp, name, None)
+        if not isinstance(layer, nn.Linear) or layer.bias is not None:
+            raise ValueError(f"{what}.{name}: expected a bias-free nn.Linear, got {layer!r}")
+    act = _activation_name(mlp.act_fn)
+    if act != "silu":
+        raise ValueError(f"{what}.act_fn: expected silu (SwiGLU), got {act}")
+
+
+def _shared_from_hf(mlp: HFModule, what: str) -> SwiGLUMLP:
+    _check_hf_mlp(mlp, what)
+    weight = mlp.gate_proj.weight
+    shared = SwiGLUMLP(weight.shape[1], weight.shape[0])
+    shared.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for name in _MLP_LINEARS:
+            getattr(shared, name).weight.copy_(getattr(mlp, name).weight)
+    return shared
+
+
+def _shared_to_hf(moe: MoELayer, mlp: HFModule, what: str) -> None:
+    shared = moe.shared_experts
+    if not isinstance(shared, SwiGLUMLP):
+        raise TypeError(
+            f"moe.shared_experts: expected a SwiGLUMLP (as from_hf builds), "
+            f"got {type(shared).__name__}"
+        )
+    _check_hf_mlp(mlp, what)
+    for name in _MLP_LINEARS:
+        _copy_into(getattr(mlp, name).weight, getattr(shared, name).weight, f"{what}.{name}")
+
+
+# --- Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax top-k over fused SwiGLU experts ----------
+
+
+def _softmax_topk_spec(block: HFModule) -> dict[str, Any]:
+    return {
+        "top_k": int(block.gate.top_k),
+        "score_func": "softmax",
+        # Mixtral's router always renormalises and has no flag; Qwen/OLMoE carry norm_topk_prob
+        "normalize_weights": bool(getattr(block.gate, "norm_topk_prob", True)),
+        "jitter_noise": float(getattr(block, "jitter_noise", 0.0) or 0.0),
+    }
 
 
 def _softmax_topk_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoELayer:
-    router = _topk_router(
-        block.gate.weight,
-        int(block.gate.top_k),
-        normalize=_normalizes(block),
-        jitter=float(getattr(block, "jitter_noise", 0.0) or 0.0),
-        balance_coef=balance_coef,
-        z_coef=z_coef,
-    )
+    spec = _softmax_topk_spec(block)
+    router = _topk_router(block.gate.weight, spec, balance_coef, z_coef)
     experts = _swiglu_from_fused(block.experts)
-    return MoELayer(router.dim, router, experts, causal=True)
+    shared_mlp = getattr(block, "shared_expert", None)  # Qwen2-MoE
+    if shared_mlp is None:
+        return MoELayer(router.dim, router, experts, causal=True)
+    shared = _shared_from_hf(shared_mlp, "block.shared_expert")
+    moe = MoELayer(
+        router.dim, router, experts, causal=True, shared_experts=shared, shared_expert_gate=True
+    )
+    assert moe.shared_expert_gate is not None
+    moe.shared_expert_gate.to(device=router.gate.weight.device, dtype=router.gate.weight.dtype)
+    with torch.no_grad():
+        moe.shared_expert_gate.weight.copy_(block.shared_expert_gate.weight)
+    return moe
 
 
 def _softmax_topk_to_hf(moe: MoELayer, block: HFModule) -> None:
-    router = _check_router(
-        moe, top_k=int(block.gate.top_k), normalize=_normalizes(block), family="top-k"
-    )
-    if router.capacity_factor is not None:
+    router = _check_router(moe, _softmax_topk_spec(block), type(block).__name__)
+    shared_mlp = getattr(block, "shared_expert", None)
+    if (shared_mlp is None) != (moe.shared_experts is None):
         raise ValueError(
-            f"moe.router.capacity_factor: expected None (the block is dropless), "
-            f"got {router.capacity_factor}"
+            f"moe.shared_experts: expected {'a shared expert' if shared_mlp else 'None'} "
+            f"(as in like), got {type(moe.shared_experts).__name__}"
         )
     _copy_gate(router, block.gate.weight)
     _swiglu_to_fused(moe.experts, block.experts)
+    if shared_mlp is not None:
+        if moe.shared_expert_gate is None:
+            raise ValueError("moe.shared_expert_gate: expected a gate (Qwen2-MoE), got None")
+        _shared_to_hf(moe, shared_mlp, "like.shared_expert")
+        _copy_into(
+            block.shared_expert_gate.weight,
+            moe.shared_expert_gate.weight,
+            "shared_expert_gate.weight",
+        )
+
+
+# --- DeepSeek-V3: sigmoid scores, selection bias, group-limited top-k, scaling, shared MLP ---
+
+
+def _deepseek_spec(block: HFModule) -> dict[str, Any]:
+    gate = block.gate
+    num_groups = int(gate.num_group or 1)
+    return {
+        "top_k": int(gate.top_k),
+        "score_func": "sigmoid",
+        "normalize_weights": bool(gate.norm_topk_prob),
+        "expert_bias": True,
+        "num_groups": num_groups,
+        "topk_groups": int(gate.topk_group or num_groups),
+        "group_score": "top2_sum",
+        "routed_scaling_factor": float(gate.routed_scaling_factor),
+    }
+
+
+def _deepseek_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoELayer:
+    spec = _deepseek_spec(block)
+    router = _topk_router(block.gate.weight, spec, balance_coef, z_coef)
+    assert router.expert_bias is not None
+    with torch.no_grad():
+        router.expert_bias.copy_(block.gate.e_score_correction_bias)
+    experts = _swiglu_from_fused(block.experts)
+    shared = _shared_from_hf(block.shared_experts, "block.shared_experts")
+    return MoELayer(router.dim, router, experts, causal=True, shared_experts=shared)
+
+
+def _deepseek_to_hf(moe: MoELayer, block: HFModule) -> None:
+    router = _check_router(moe, _deepseek_spec(block), type(block).__name__)
+    if moe.shared_expert_gate is not None:
+        raise ValueError("moe.shared_expert_gate: expected None (DeepSeek-V3), got a gate")
+    _copy_gate(router, block.gate.weight)
+    assert router.expert_bias is not None
+    _copy_into(block.gate.e_score_correction_bias, router.expert_bias, "e_score_correction_bias")
+    _swiglu_to_fused(moe.experts, block.experts)
+    _shared_to_hf(moe, block.shared_experts, "like.shared_experts")
 
 
 # --- Switch Transformers: top-1, raw probability, per-expert ModuleDict --------------------------
@@ -250,6 +359,15 @@ def _switch_expert_linears(block: HFModule) -> list[tuple[nn.Linear, nn.Linear]]
     return pairs
 
 
+def _switch_spec(block: HFModule) -> dict[str, Any]:
+    return {
+        "top_k": 1,
+        "score_func": "softmax",
+        "normalize_weights": False,
+        "jitter_noise": float(block.router.jitter_noise or 0.0),
+    }
+
+
 def _switch_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoELayer:
     classifier: nn.Linear = block.router.classifier
     if classifier.bias is not None:
@@ -257,14 +375,7 @@ def _switch_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoEL
             "block.router.classifier.bias: expected None (router_bias=False); the library's "
             "router has no bias"
         )
-    router = _topk_router(
-        classifier.weight,
-        1,
-        normalize=False,
-        jitter=float(block.router.jitter_noise or 0.0),
-        balance_coef=balance_coef,
-        z_coef=z_coef,
-    )
+    router = _topk_router(classifier.weight, _switch_spec(block), balance_coef, z_coef)
     pairs = _switch_expert_linears(block)
     wi = pairs[0][0].weight
     activation = _activation_name(block.experts["expert_0"].act)
@@ -278,7 +389,7 @@ def _switch_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoEL
 
 
 def _switch_to_hf(moe: MoELayer, block: HFModule) -> None:
-    router = _check_router(moe, top_k=1, normalize=False, family="Switch")
+    router = _check_router(moe, _switch_spec(block), type(block).__name__)
     experts = moe.experts
     if not isinstance(experts, MLPExperts) or experts.b_in is not None:
         raise TypeError("moe.experts: expected MLPExperts(bias=False) for a Switch block")
@@ -306,7 +417,9 @@ def _families() -> dict[str, _Family]:
     topk = _Family("softmax-top-k", _softmax_topk_from_hf, _softmax_topk_to_hf)
     return {
         "MixtralSparseMoeBlock": topk,
+        "Qwen2MoeSparseMoeBlock": topk,
         "Qwen3MoeSparseMoeBlock": topk,
+        "DeepseekV3MoE": _Family("deepseek-v3", _deepseek_from_hf, _deepseek_to_hf),
         "OlmoeSparseMoeBlock": topk,
         "SwitchTransformersSparseMLP": _Family("switch", _switch_from_hf, _switch_to_hf),
     }
