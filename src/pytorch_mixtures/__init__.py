@@ -22,8 +22,10 @@ from . import (
     stats,
     telemetry,
 )
+from . import mod as mod
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
+from .mod import HFDecoderLayerAdapter, MixtureOfDepths, MoDLayer, MoDStats, calibrate_thresholds
 from .moe_layer import MoELayer
 from .routers import HashRouter, UniformRouter, update_expert_bias
 from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
@@ -37,8 +39,12 @@ __version__ = "0.2.0"
 __all__ = [
     "MHSA",
     "ExpertChoiceRouter",
+    "HFDecoderLayerAdapter",
     "HashRouter",
     "MLPExperts",
+    "MixtureOfDepths",
+    "MoDLayer",
+    "MoDStats",
     "MoELayer",
     "ModuleListExperts",
     "Router",
@@ -52,10 +58,12 @@ __all__ = [
     "__version__",
     "aux_loss",
     "balancing",
+    "calibrate_thresholds",
     "dispatch",
     "experts",
     "interop",
     "losses",
+    "mod",
     "plot_expert_load",
     "routers",
     "routing",

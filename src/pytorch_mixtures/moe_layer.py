@@ -50,6 +50,10 @@ class MoELayer(AuxLossModule):
             whose output is added to the routed output of every real token (zero on padding).
         shared_expert_gate: scale the shared output by ``sigmoid(x @ w)``, ``w`` ``[D]`` learned
             (Qwen2-MoE's ``shared_expert_gate``, ``nn.Linear(D, 1, bias=False)``).
+        num_noop_experts: n extra "no-op" experts (integrated MoDE, Raposo et al. 2024 §3.6):
+            the router scores ``len(experts) + n`` experts, the last n of which do nothing, so a
+            slot routed to one skips compute and adds zero (the caller's residual carries the
+            token). ``stats.tokens_per_expert`` then has ``E + n`` entries, no-ops last.
 
     Example::
 
@@ -70,6 +74,7 @@ class MoELayer(AuxLossModule):
         causal: bool = False,
         shared_experts: nn.Module | None = None,
         shared_expert_gate: bool = False,
+        num_noop_experts: int = 0,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -88,14 +93,21 @@ class MoELayer(AuxLossModule):
         expert_module = as_experts(experts, dim)
         if expert_module.dim != dim:
             raise ValueError(f"experts: built for dim={expert_module.dim}, expected dim={dim}")
-        if expert_module.num_experts != router.num_experts:
+        if isinstance(num_noop_experts, bool) or not isinstance(num_noop_experts, int):
+            raise TypeError(f"num_noop_experts: expected an int >= 0, got {num_noop_experts!r}")
+        if not 0 <= num_noop_experts < router.num_experts:
             raise ValueError(
-                f"experts: the router routes to {router.num_experts} experts, "
-                f"got {expert_module.num_experts} experts"
+                f"num_noop_experts: expected an integer in [0, {router.num_experts - 1}] (the "
+                f"router's experts minus at least one real one), got {num_noop_experts}"
             )
-        if num_experts is not None and num_experts != router.num_experts:
+        if expert_module.num_experts + num_noop_experts != router.num_experts:
             raise ValueError(
-                f"num_experts: expected {router.num_experts} (the router's and experts' count), "
+                f"experts: the router routes to {router.num_experts} experts "
+                f"({num_noop_experts} of them no-op), got {expert_module.num_experts} experts"
+            )
+        if num_experts is not None and num_experts != expert_module.num_experts:
+            raise ValueError(
+                f"num_experts: expected {expert_module.num_experts} (the experts' count), "
                 f"got {num_experts}"
             )
         if capacity_factor is not None:
@@ -107,7 +119,8 @@ class MoELayer(AuxLossModule):
                 stacklevel=2,
             )
         self.dim = dim
-        self.num_experts = router.num_experts
+        self.num_experts = expert_module.num_experts
+        self.num_noop_experts = num_noop_experts
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
@@ -170,7 +183,9 @@ class MoELayer(AuxLossModule):
             route = self.router(x_BTD, mask_BT)
         plan = dispatch.plan_dispatch(route)
         x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
-        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert)
+        # no-op experts sort last: the real experts see only their own rows, and rows of
+        # no-op slots come back zero, as rows past the experts' counts always do
+        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert[: self.num_experts])
         y_ND = dispatch.combine(y_sorted_SD, route, plan)
         if self.shared_experts is not None:
             y_ND = y_ND + self._shared_forward(x_BTD.reshape(-1, self.dim), mask_BT)
@@ -190,7 +205,8 @@ class MoELayer(AuxLossModule):
 
     def _empty_forward(self, x: Tensor) -> Tensor:
         zero = torch.zeros((), device=x.device)
-        empty = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        num_routes = self.num_experts + self.num_noop_experts
+        empty = torch.zeros(num_routes, dtype=torch.long, device=x.device)
         self._set_aux(zero, {})
         self._stats = RoutingStats(empty, zero.long(), zero.long(), zero.long(), zero.long())
         # keep the graph connected so backward on an empty batch still works
