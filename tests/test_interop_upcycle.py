@@ -121,7 +121,7 @@ def test_outputs_loss_includes_aux_loss_and_training_lowers_it():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
 
     handle = pm.interop.attach_aux_loss(model)
