@@ -13,8 +13,16 @@ module holding ``weight`` ``[E, D]``):
 Hugging Face block                  library layer
 ==================================  ==========================================================
 ``MixtralSparseMoeBlock``           softmax top-k, renormalised (Jiang et al. 2024)
+``Qwen2MoeSparseMoeBlock``          softmax top-k (``norm_topk_prob``) + shared SwiGLU expert
+                                    scaled by ``sigmoid(shared_expert_gate(x))``
 ``Qwen3MoeSparseMoeBlock``          softmax top-k, renormalised iff ``norm_topk_prob``
 ``OlmoeSparseMoeBlock``             same routing as Qwen3-MoE
+``DeepseekV3MoE``                   sigmoid scores; ``e_score_correction_bias`` as the router's
+                                    ``expert_bias`` (selection only); group-limited top-k
+                                    (``n_group``, ``topk_group``, group score = sum of its two
+                                    best biased scores); ``norm_topk_prob``;
+                                    ``routed_scaling_factor``; ungated shared SwiGLU experts
+                                    (DeepSeek-AI 2024)
 ``SwitchTransformersSparseMLP``     softmax top-1, raw probability weight (Fedus et al. 2021),
                                     ReLU/GELU ``MLPExperts``; see the capacity note below
 ==================================  ==========================================================
@@ -33,6 +41,10 @@ Known differences (all outside float32 eval-mode forward, where outputs match):
   (``dropout_rate``, training only) is not reproduced. Hugging Face's Switch balance loss
   averages per sequence (``E * mean_b sum_e f_be P_be``); the library's is over all tokens
   of the batch (``E * sum_e f_e P_e``): equal for a single sequence.
+* ``transformers``' DeepSeek-V3 has no balance loss and never updates
+  ``e_score_correction_bias``; the converted router has the library's aux losses (set
+  ``balance_loss_coef=0`` for the aux-loss-free recipe) and its bias moves with
+  :func:`pytorch_mixtures.update_expert_bias`.
 
 Shape legend: E experts, D model dim, H expert hidden dim.
 """
