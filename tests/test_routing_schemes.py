@@ -174,7 +174,7 @@ def test_noisy_gating_losses_match_hand_computation(top_k):
     )
     torch.testing.assert_close(route.aux_losses["importance"], importance.float())
     torch.testing.assert_close(route.aux_losses["load"], load.float())
-    assert float(load) > 0 and float(importance) > 0
+    assert float(load.detach()) > 0 and float(importance.detach()) > 0
     # gradients of the load loss reach both the gate and the noise weights, as by hand
     params = [router.gate.weight, router.noise_gate.weight]
     got = torch.autograd.grad(route.aux_losses["load"], params)
@@ -295,7 +295,7 @@ def test_bias_balancing_fixes_a_skewed_router(one_thread):
     assert router.gate.weight.grad is None  # no aux loss involved
 
 
-def test_bias_counts_once_per_real_forward_with_checkpointing_and_accumulation():
+def test_bias_counts_once_per_real_forward_with_checkpointing_and_accumulation(one_thread):
     router, direction = skewed_router(1)
     x = torch.randn(4, 16, 16) + direction
     moe = pm.MoELayer(16, router, pm.MLPExperts(8, 16, 8)).train()
@@ -313,6 +313,34 @@ def test_bias_counts_once_per_real_forward_with_checkpointing_and_accumulation()
     moe.eval()
     moe(x)
     assert router.pending_loads is None  # eval forwards do not count
+
+
+def test_bias_update_all_reduces_loads_across_ranks(monkeypatch):
+    """Under torch.distributed the update must use the loads summed over ranks.
+
+    The collective is stood in for by a function adding another rank's counts (a spawned
+    2-rank gloo run costs more than this file's time budget on a shared 2-core machine).
+    """
+    router = pm.TopKRouter(8, 4, 2, score_func="sigmoid", expert_bias=True)
+    router(torch.randn(3, 16, 8))
+    local = router.pending_loads.clone()
+    other_rank = torch.tensor([40, 0, 0, 0])
+    calls = []
+
+    def fake_all_reduce(tensor, group=None):
+        calls.append(group)
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    loads = pm.update_expert_bias(router, rate=1e-2, group="the-group")[""]
+    total = local + other_rank
+    assert calls == ["the-group"] and torch.equal(loads, total)
+    expected = 1e-2 * torch.sign(total.float().mean() - total.float())
+    torch.testing.assert_close(router.expert_bias, expected)
+    router(torch.randn(3, 16, 8))
+    pm.update_expert_bias(router, rate=1e-2, all_reduce=False)
+    assert len(calls) == 1
 
 
 def test_padding_not_counted_by_bias():
@@ -354,6 +382,8 @@ def test_scheme_arguments_are_checked():
         pm.TopKRouter(DIM, 8, 2, routed_scaling_factor=0.0)
     with pytest.raises(ValueError, match="group_score"):
         pm.TopKRouter(DIM, 8, 2, num_groups=2, group_score="mean")
+    with pytest.raises(ValueError, match="noisy_gating"):
+        pm.TopKRouter(DIM, 8, 2, noisy_gating=True, expert_bias=True)
 
 
 # --------------------------------------------------------------------------- expert choice

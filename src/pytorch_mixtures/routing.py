@@ -55,9 +55,10 @@ def _in_autograd_backward() -> bool:
     Activation checkpointing (reentrant or not) recomputes the forward inside backward; state
     that must change once per real forward (expert-load counts) skips those recomputations.
     """
-    if torch.compiler.is_compiling():
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    if current_task is None or torch.compiler.is_compiling():
         return False
-    return bool(torch._C._current_graph_task_id() != -1)
+    return bool(current_task() != -1)
 
 
 @dataclass(frozen=True)
@@ -404,6 +405,13 @@ class TopKRouter(Router):
         if scaling == 0:
             raise ValueError("routed_scaling_factor: expected a value > 0, got 0")
         self.routed_scaling_factor = scaling
+        if self.noisy_gating and (expert_bias or self.topk_groups < self.num_groups):
+            # the smooth load estimate assumes the top-k of the noisy logits is the selection
+            raise ValueError(
+                "noisy_gating: cannot be combined with expert_bias or group-limited routing "
+                f"(got expert_bias={expert_bias}, num_groups={self.num_groups}, "
+                f"topk_groups={self.topk_groups})"
+            )
         if balance not in ("batch", "sequence"):
             raise ValueError(f"balance: expected 'batch' or 'sequence', got {balance!r}")
         self.balance: BalanceMode = balance
@@ -412,7 +420,7 @@ class TopKRouter(Router):
         # ``model.half()`` / ``.to(bfloat16)`` must not round the bias: +-1e-3 updates vanish
         # in bf16. Keep it float32, only following the device.
         bias = self.expert_bias
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        super()._apply(fn, recurse)
         moved = self.expert_bias
         if bias is not None and moved is not None and moved.dtype != torch.float32:
             self.expert_bias = bias.to(device=moved.device)
@@ -425,9 +433,10 @@ class TopKRouter(Router):
             # padding slots go to a sentinel bin that is cut off
             ids_S = torch.where(mask_N.repeat_interleave(self.top_k), ids_S, self.num_experts)
         counts_E = torch.bincount(ids_S, minlength=self.num_experts + 1)[: self.num_experts]
-        if self._load_counts is None or self._load_counts.device != counts_E.device:
-            self._load_counts = torch.zeros_like(counts_E)
-        self._load_counts += counts_E
+        if self._load_counts is None:
+            self._load_counts = counts_E
+        else:  # .to() on the model does not move this plain attribute: follow the counts
+            self._load_counts = self._load_counts.to(counts_E.device) + counts_E
 
     @property
     def pending_loads(self) -> Tensor | None:
