@@ -284,6 +284,47 @@ def test_a_row_with_nothing_selected_gives_no_nan_with_a_naive_softmax_block():
     torch.testing.assert_close(out, naive_mod(mod, x, chosen=[[2, 3], []]))
 
 
+class NaNOnInvalid(nn.Module):
+    """Returns ``2 * x`` on real slots and NaN on invalid ones: a worst-case block."""
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            return 2 * x
+        return torch.where(attention_mask[..., None], 2 * x, float("nan"))
+
+
+def test_invalid_slots_are_zeroed_with_where_so_nan_never_leaks():
+    torch.manual_seed(0)
+    mod = pm.MixtureOfDepths(NaNOnInvalid(), DIM, capacity=0.5)
+    x = torch.randn(2, 6, DIM, requires_grad=True)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # row 1: k = 2 of a 3-slot gathered batch
+    out = mod(x, attention_mask=mask)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(mod.router.weight.grad).all()
+
+
+def test_invalid_slots_see_a_real_key_in_a_naive_softmax_block():
+    """An invalid slot is placed at its row's last processed position: under the position rule
+    it attends to real keys, so a naive softmax block makes no NaN that 0 * NaN could spread
+    into the gradients."""
+    torch.manual_seed(0)
+    mod = pm.MixtureOfDepths(NaiveAttention(), DIM, capacity=0.5)
+    w = mod.router.weight[0].detach()
+    x = torch.randn(2, 6, DIM)
+    x[1, 0] = -10 * w / w.norm()  # row 1's first token is skipped: the invalid slot gathers it
+    x.requires_grad_(True)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    out = mod(x, attention_mask=mask)
+    assert mod.stats.processed_per_row.tolist() == [3, 2]
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in mod.block.parameters())
+    torch.testing.assert_close(out, naive_mod(mod, x, mask))
+
+
 def test_bf16_autocast():
     mod = make_mod(capacity=0.5)
     x = torch.randn(2, 8, DIM, requires_grad=True)
@@ -512,3 +553,15 @@ def test_block_output_of_the_wrong_shape_raises():
 def test_alias_and_exports():
     assert pm.MoDLayer is pm.MixtureOfDepths
     assert pm.mod.MixtureOfDepths is pm.MixtureOfDepths
+
+
+def test_readme_mixture_of_depths_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Mixture-of-Depths", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    mod = namespace["mod"]
+    assert isinstance(mod, pm.MixtureOfDepths) and mod.stats.causal
