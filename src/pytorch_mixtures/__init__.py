@@ -12,10 +12,13 @@ Quick start::
 
 from . import (
     balancing,
+    checks,
     dispatch,
     distributed,
     experts,
+    interop,
     losses,
+    mod,
     routers,
     routing,
     soft_moe,
@@ -24,6 +27,7 @@ from . import (
 )
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .losses import aux_loss
+from .mod import HFDecoderLayerAdapter, MixtureOfDepths, MoDLayer, MoDStats, calibrate_thresholds
 from .moe_layer import MoELayer
 from .routers import HashRouter, UniformRouter, update_expert_bias
 from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
@@ -37,8 +41,12 @@ __version__ = "0.2.0"
 __all__ = [
     "MHSA",
     "ExpertChoiceRouter",
+    "HFDecoderLayerAdapter",
     "HashRouter",
     "MLPExperts",
+    "MixtureOfDepths",
+    "MoDLayer",
+    "MoDStats",
     "MoELayer",
     "ModuleListExperts",
     "Router",
@@ -52,10 +60,14 @@ __all__ = [
     "__version__",
     "aux_loss",
     "balancing",
+    "calibrate_thresholds",
+    "checks",
     "dispatch",
     "distributed",
     "experts",
+    "interop",
     "losses",
+    "mod",
     "plot_expert_load",
     "routers",
     "routing",

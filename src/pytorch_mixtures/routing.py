@@ -209,12 +209,45 @@ class Router(nn.Module):
             raise TypeError(
                 f"attention_mask: expected a Tensor, got {type(attention_mask).__name__}"
             )
-        if attention_mask.numel() != x_BTD.shape[0] * x_BTD.shape[1]:
+        if attention_mask.shape not in (x.shape[:-1], x_BTD.shape[:2]):
             raise ValueError(
                 f"attention_mask: expected shape {tuple(x.shape[:-1])} (1 = token, 0 = padding), "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if attention_mask.is_complex():
+            raise TypeError(
+                f"attention_mask: expected a bool, integer or float 0/1 tensor, "
+                f"got {attention_mask.dtype}"
+            )
+        if attention_mask.device != x.device:
+            raise ValueError(
+                f"attention_mask: expected a tensor on {x.device} (as x), "
+                f"got one on {attention_mask.device}"
+            )
         return x_BTD, attention_mask.reshape(x_BTD.shape[:2]).bool()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        # torch's own message ("size mismatch for gate.weight") does not say what is wrong
+        saved = state_dict.get(prefix + "gate.weight")
+        if isinstance(saved, Tensor) and saved.dim() == 2:
+            if saved.shape[0] != self.num_experts:
+                raise ValueError(
+                    f"state_dict: expected a router over {self.num_experts} experts, got a state "
+                    f"dict with {saved.shape[0]} experts ({prefix}gate.weight of shape "
+                    f"{tuple(saved.shape)})"
+                )
+            if saved.shape[1] != self.dim:
+                raise ValueError(
+                    f"state_dict: expected a router for dim={self.dim}, got a state dict for "
+                    f"dim={saved.shape[1]} ({prefix}gate.weight of shape {tuple(saved.shape)})"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}"

@@ -33,6 +33,9 @@ class RoutingStats:
             router's distribution over experts (sigmoid scores normalised per token); ``log E``
             for a uniform router, 0 for a one-hot one.
         top1_confidence: 0-dim float32, mean over real tokens of the largest probability.
+        nonfinite_tokens: 0-dim int64, real tokens whose input row holds NaN or inf. They are
+            routed like any other token (their own output is then non-finite); in dropless
+            top-k routing no other token's output is affected.
     """
 
     tokens_per_expert: Tensor
@@ -43,6 +46,7 @@ class RoutingStats:
     token_choice: bool = True
     router_entropy: Tensor = field(default_factory=lambda: torch.zeros(()))
     top1_confidence: Tensor = field(default_factory=lambda: torch.zeros(()))
+    nonfinite_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
     @property
     def utilisation(self) -> Tensor:
@@ -80,8 +84,11 @@ class RoutingStats:
         return load_E.max() / load_E.mean().clamp_min(1e-9)
 
 
-def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
-    """Statistics of one routing and its dispatch plan."""
+def routing_stats_from(
+    route: RouterOutput, plan: DispatchPlan, x_ND: Tensor | None = None
+) -> RoutingStats:
+    """Statistics of one routing and its dispatch plan; ``x_ND`` ``[N, D]`` (the routed input)
+    adds the count of non-finite tokens."""
     num_tokens = route.num_tokens
     if route.token_mask is None:
         real_tokens = torch.tensor(num_tokens, device=route.kept.device)
@@ -97,6 +104,13 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
     if route.token_mask is not None:
         unrouted_N = unrouted_N & route.token_mask
     entropy, confidence = _router_confidence(route)
+    if x_ND is None:
+        nonfinite = torch.zeros((), dtype=torch.long, device=route.kept.device)
+    else:
+        nonfinite_N = ~torch.isfinite(x_ND.detach()).all(dim=-1)
+        if route.token_mask is not None:
+            nonfinite_N = nonfinite_N & route.token_mask
+        nonfinite = nonfinite_N.sum()
     return RoutingStats(
         tokens_per_expert=plan.tokens_per_expert.detach(),
         num_tokens=real_tokens,
@@ -106,6 +120,7 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
         token_choice=route.slots_per_token is not None,
         router_entropy=entropy,
         top1_confidence=confidence,
+        nonfinite_tokens=nonfinite,
     )
 
 
