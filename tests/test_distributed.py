@@ -110,7 +110,6 @@ def test_errors_without_process_group() -> None:
         pm.distributed.expert_parallel(layer)
     with pytest.raises(TypeError, match="model"):
         pm.distributed.expert_parallel("not a model")  # type: ignore[arg-type]
-    assert isinstance(torch.zeros(1), torch.Tensor)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
