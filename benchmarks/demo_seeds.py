@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--size", default="{}", help="SizeConfig fields as JSON")
     parser.add_argument("--kinds", nargs="+", default=["dense", "moe"])
     parser.add_argument("--out", type=Path, default=Path("runs/seeds"))
+    parser.add_argument("--dense-from", type=Path, default=None, help="reuse dense results")
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seed is not None:
@@ -75,6 +76,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for seed in args.seeds:
         models = json.loads((args.out / f"seed{seed}" / "results.json").read_text())["models"]
+        if "dense" not in models:  # MoE-only run: compare with a dense run of the same seed
+            models |= json.loads((args.dense_from / f"seed{seed}" / "results.json").read_text())[
+                "models"
+            ]
         dense, moe = models["dense"], models["moe"]
         print(
             f"| {seed} | {dense['val_loss']:.4f} | {moe['val_loss']:.4f} "

@@ -38,6 +38,7 @@ class SizeConfig:
     num_experts: int = 8
     top_k: int = 2
     mod_capacity: float = 0.125
+    balance_loss_coef: float | None = None  # None: the router's default
 
 
 def model_config(kind: str, size: SizeConfig) -> ModelConfig:
@@ -53,6 +54,9 @@ def model_config(kind: str, size: SizeConfig) -> ModelConfig:
         num_experts=size.num_experts,
         top_k=size.top_k,
         mod_capacity=size.mod_capacity,
+        router_kwargs=(
+            {} if size.balance_loss_coef is None else {"balance_loss_coef": size.balance_loss_coef}
+        ),
     )
 
 
