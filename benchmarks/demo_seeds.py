@@ -44,6 +44,17 @@ def _min_share(entry: dict) -> float:
     return min(shares) if shares else float("nan")
 
 
+def _max_shares(entry: dict) -> str:
+    """Largest share of slots any expert of any layer got at a few steps (0.5 with top-2 means
+    every token chose that expert)."""
+    history = entry["history"]
+    picks = [i for i in (9, 19, 49, 99) if i < len(history)] + [len(history) - 1]
+    return " / ".join(
+        f"{max(c / max(sum(layer), 1) for layer in history[i]['expert_load'] for c in layer):.2f}"
+        for i in picks
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -54,11 +65,18 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["dense", "moe"])
     parser.add_argument("--out", type=Path, default=Path("runs/seeds"))
     parser.add_argument("--dense-from", type=Path, default=None, help="reuse dense results")
+    parser.add_argument("--table-only", action="store_true", help="reprint from --out")
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seed is not None:
         _worker(args)
         return
+    if not args.table_only:
+        _run_workers(args)
+    _print_table(args)
+
+
+def _run_workers(args: argparse.Namespace) -> None:
     common = [
         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--threads", str(args.threads), "--size", args.size, "--out", str(args.out),
@@ -71,19 +89,25 @@ def main() -> None:
     ]
     for proc in procs:
         proc.wait()
+
+
+def _print_table(args: argparse.Namespace) -> None:
     print(f"steps {args.steps}, batch {args.batch_size}, size {args.size}")
-    print("| seed | dense held-out | moe held-out | moe / dense | min expert share (2nd half) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| seed | dense held-out | moe held-out | moe / dense | min expert share (2nd half) "
+        "| max expert share at steps 10 / 20 / 50 / 100 / last |"
+    )
+    print("|---|---|---|---|---|---|")
     for seed in args.seeds:
         models = json.loads((args.out / f"seed{seed}" / "results.json").read_text())["models"]
         if "dense" not in models:  # MoE-only run: compare with a dense run of the same seed
-            models |= json.loads((args.dense_from / f"seed{seed}" / "results.json").read_text())[
-                "models"
-            ]
+            dense_path = args.dense_from / f"seed{seed}" / "results.json"
+            models["dense"] = json.loads(dense_path.read_text())["models"]["dense"]
         dense, moe = models["dense"], models["moe"]
         print(
             f"| {seed} | {dense['val_loss']:.4f} | {moe['val_loss']:.4f} "
-            f"| {moe['val_loss'] / dense['val_loss']:.4f} | {_min_share(moe):.4f} |"
+            f"| {moe['val_loss'] / dense['val_loss']:.4f} | {_min_share(moe):.4f} "
+            f"| {_max_shares(moe)} |"
         )
 
 

@@ -45,6 +45,12 @@ def _add_common(parser: argparse.ArgumentParser, steps: int) -> None:
     group.add_argument("--num-experts", type=int, default=size.num_experts)
     group.add_argument("--top-k", type=int, default=size.top_k)
     group.add_argument("--mod-capacity", type=float, default=size.mod_capacity)
+    group.add_argument(
+        "--balance-coef",
+        type=float,
+        default=size.balance_loss_coef,
+        help="MoE balance-loss coefficient (default: the demo's choice, see README)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -67,6 +73,7 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, SizeConfig]:
         num_experts=args.num_experts,
         top_k=args.top_k,
         mod_capacity=args.mod_capacity,
+        balance_loss_coef=args.balance_coef,
     )
     return schedule, size
 
