@@ -37,6 +37,8 @@ class DispatchPlan:
 
 def plan_dispatch(route: RouterOutput) -> DispatchPlan:
     """Sort the router's slots by expert; dropped and padding slots go last."""
+    if not isinstance(route, RouterOutput):
+        raise TypeError(f"route: expected a RouterOutput, got {type(route).__name__}")
     num_experts = route.num_experts
     sort_key_S = torch.where(route.kept, route.expert_ids, num_experts)
     order_S = torch.argsort(sort_key_S, stable=True)

@@ -23,9 +23,15 @@ from torch import Tensor, nn
 
 __all__ = ["ExpertsBase", "MLPExperts", "ModuleListExperts", "SwiGLUExperts", "as_experts"]
 
+
+def _gelu_tanh(t: Tensor) -> Tensor:
+    return F.gelu(t, approximate="tanh")
+
+
+# module-level functions, not lambdas: experts must pickle and deepcopy
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
 }
@@ -61,6 +67,16 @@ class ExpertsBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
+            got = tuple(x_SD.shape) if isinstance(x_SD, Tensor) else type(x_SD).__name__
+            raise ValueError(f"x: expected shape [S, {self.dim}], got {got}")
+        if not isinstance(tokens_per_expert_E, Tensor) or tokens_per_expert_E.is_floating_point():
+            kind = (
+                str(tokens_per_expert_E.dtype)
+                if isinstance(tokens_per_expert_E, Tensor)
+                else type(tokens_per_expert_E).__name__
+            )
+            raise TypeError(f"tokens_per_expert: expected an integer tensor, got {kind}")
         if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
                 f"tokens_per_expert: expected shape ({self.num_experts},), "
@@ -78,6 +94,24 @@ class ExpertsBase(nn.Module):
         ]
         pieces.append(x_SD.new_zeros(x_SD.shape[0] - bounds[-1], self.dim))
         return torch.cat(pieces, dim=0)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        # torch's own message ("size mismatch for w_in") does not say what is wrong
+        for name, param in self.named_parameters(recurse=False):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.dim() >= 1 and saved.shape[0] != param.shape[0]:
+                raise ValueError(
+                    f"state_dict: expected {self.num_experts} experts "
+                    f"({prefix}{name} of shape {tuple(param.shape)}), got a state dict with "
+                    f"{saved.shape[0]} experts ({prefix}{name} of shape {tuple(saved.shape)})"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _init_stacked(weight: Tensor, fan_in: int) -> None:
@@ -199,18 +233,66 @@ class ModuleListExperts(ExpertsBase):
                 raise TypeError(
                     f"experts[{index}]: expected an nn.Module, got {type(module).__name__}"
                 )
+        _check_same_dtype_and_device(modules)
         self.experts = nn.ModuleList(modules)
         self.num_experts = len(modules)
         self.dim = _check_int("dim", dim)
 
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
-        y_nD = self.experts[expert](x_nD)
+        try:
+            y_nD = self.experts[expert](x_nD)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            # typically an expert built for another width: name it instead of a bare matmul error
+            raise ValueError(
+                f"experts[{expert}]: expected a module mapping [n, {self.dim}] -> "
+                f"[n, {self.dim}], but it failed on an input of shape {tuple(x_nD.shape)} "
+                f"({x_nD.dtype}, {x_nD.device}): {err}"
+            ) from err
         if not isinstance(y_nD, Tensor) or y_nD.shape != x_nD.shape:
             got = tuple(y_nD.shape) if isinstance(y_nD, Tensor) else type(y_nD).__name__
             raise ValueError(
                 f"experts[{expert}]: expected output shape {tuple(x_nD.shape)}, got {got}"
             )
         return y_nD.to(x_nD.dtype)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        list_prefix = prefix + "experts."
+        indices = {
+            int(key[len(list_prefix) :].split(".", 1)[0])
+            for key in state_dict
+            if key.startswith(list_prefix) and key[len(list_prefix) :].split(".", 1)[0].isdigit()
+        }
+        if indices and len(indices) != self.num_experts:
+            raise ValueError(
+                f"state_dict: expected {self.num_experts} experts under {list_prefix!r}, "
+                f"got a state dict with {len(indices)} experts"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_same_dtype_and_device(modules: list[nn.Module]) -> None:
+    """All experts' floating-point parameters share one dtype and one device."""
+    first: tuple[int, torch.dtype, torch.device] | None = None
+    for index, module in enumerate(modules):
+        for param in module.parameters():
+            if not param.is_floating_point():
+                continue
+            if first is None:
+                first = (index, param.dtype, param.device)
+            elif (param.dtype, param.device) != first[1:]:
+                raise ValueError(
+                    f"experts[{index}]: expected parameters of dtype {first[1]} on {first[2]} "
+                    f"(as experts[{first[0]}]), got {param.dtype} on {param.device}"
+                )
+            break
 
 
 def as_experts(experts: ExpertsBase | Iterable[nn.Module], dim: int) -> ExpertsBase:

@@ -69,10 +69,11 @@ def _token_mask(attention_mask: Tensor | None, num_rows: int) -> Tensor | None:
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over dim 0 of ``values`` [N, ...], counting only rows where ``mask`` [N] is True."""
     if mask is None:
-        return values.mean(dim=0)
-    weights = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    # clamp: an all-padding batch gives 0, not NaN
-    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+        # zero tokens: 0, not the NaN of an empty mean
+        return values.mean(dim=0) if values.shape[0] else values.sum(dim=0)
+    mask = mask.reshape(-1, *([1] * (values.dim() - 1)))
+    # where, not multiply: NaN/inf in a padding row must not leak; clamp: all-padding gives 0
+    return torch.where(mask, values, 0.0).sum(dim=0) / mask.sum().clamp_min(1).to(values.dtype)
 
 
 def balance_loss_from_assignments(
@@ -123,6 +124,9 @@ def load_balancing_loss(
     Returns:
         0-dim float32 tensor.
     """
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
     logits = _flatten_logits(router_logits)
     if logits.shape[-1] != num_experts:
         raise ValueError(
@@ -172,6 +176,14 @@ class AuxLossModule(nn.Module):
     def _set_aux(self, weighted: Tensor, parts: dict[str, Tensor]) -> None:
         self._aux_loss = weighted
         self._aux_losses = dict(parts)
+
+    def __getstate__(self) -> dict[str, object]:
+        # the last forward's losses hang on its autograd graph, which cannot be copied or
+        # pickled: a copy starts with none, as a fresh layer does
+        state = dict(super().__getstate__())
+        state["_aux_loss"] = None
+        state["_aux_losses"] = {}
+        return state
 
     @property
     def aux_loss(self) -> Tensor:

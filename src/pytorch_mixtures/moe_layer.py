@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .checks import check_input_matches, raise_if_nonfinite
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
 from .routing import Router, _check_capacity_factor
@@ -46,6 +47,17 @@ class MoELayer(AuxLossModule):
         num_experts: optional, checked against the experts and the router.
         causal: set True inside an autoregressive model: warns if the router is not causal
             (expert choice looks at the whole sequence).
+        shared_experts: optional always-on module ``[N, D] -> [N, D]`` (DeepSeekMoE, Qwen2-MoE)
+            whose output is added to the routed output of every real token (zero on padding).
+        shared_expert_gate: scale the shared output by ``sigmoid(x @ w)``, ``w`` ``[D]`` learned
+            (Qwen2-MoE's ``shared_expert_gate``, ``nn.Linear(D, 1, bias=False)``).
+        check_finite: raise ``FloatingPointError``, naming the layer, when the input or the
+            output holds NaN or inf (costs a host sync per forward). Without it, non-finite
+            input tokens are counted in ``stats.nonfinite_tokens`` and the forward goes on.
+        num_noop_experts: n extra "no-op" experts (integrated MoDE, Raposo et al. 2024 §3.6):
+            the router scores ``len(experts) + n`` experts, the last n of which do nothing, so a
+            slot routed to one skips compute and adds zero (the caller's residual carries the
+            token). ``stats.tokens_per_expert`` then has ``E + n`` entries, no-ops last.
 
     Example::
 
@@ -64,6 +76,10 @@ class MoELayer(AuxLossModule):
         *,
         num_experts: int | None = None,
         causal: bool = False,
+        shared_experts: nn.Module | None = None,
+        shared_expert_gate: bool = False,
+        check_finite: bool = False,
+        num_noop_experts: int = 0,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -80,16 +96,24 @@ class MoELayer(AuxLossModule):
         if dim != router.dim:
             raise ValueError(f"dim: the router was built for dim={router.dim}, got dim={dim}")
         expert_module = as_experts(experts, dim)
+        _check_same_device(router, expert_module)
         if expert_module.dim != dim:
             raise ValueError(f"experts: built for dim={expert_module.dim}, expected dim={dim}")
-        if expert_module.num_experts != router.num_experts:
+        if isinstance(num_noop_experts, bool) or not isinstance(num_noop_experts, int):
+            raise TypeError(f"num_noop_experts: expected an int >= 0, got {num_noop_experts!r}")
+        if not 0 <= num_noop_experts < router.num_experts:
             raise ValueError(
-                f"experts: the router routes to {router.num_experts} experts, "
-                f"got {expert_module.num_experts} experts"
+                f"num_noop_experts: expected an integer in [0, {router.num_experts - 1}] (the "
+                f"router's experts minus at least one real one), got {num_noop_experts}"
             )
-        if num_experts is not None and num_experts != router.num_experts:
+        if expert_module.num_experts + num_noop_experts != router.num_experts:
             raise ValueError(
-                f"num_experts: expected {router.num_experts} (the router's and experts' count), "
+                f"experts: the router routes to {router.num_experts} experts "
+                f"({num_noop_experts} of them no-op), got {expert_module.num_experts} experts"
+            )
+        if num_experts is not None and num_experts != expert_module.num_experts:
+            raise ValueError(
+                f"num_experts: expected {expert_module.num_experts} (the experts' count), "
                 f"got {num_experts}"
             )
         if capacity_factor is not None:
@@ -101,17 +125,31 @@ class MoELayer(AuxLossModule):
                 stacklevel=2,
             )
         self.dim = dim
-        self.num_experts = router.num_experts
+        self.num_experts = expert_module.num_experts
+        self.num_noop_experts = num_noop_experts
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
+        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+            raise TypeError(
+                f"shared_experts: expected an nn.Module, got {type(shared_experts).__name__}"
+            )
+        if shared_expert_gate and shared_experts is None:
+            raise ValueError("shared_expert_gate: True needs shared_experts, got None")
+        self.shared_experts = shared_experts
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
+        self.check_finite = bool(check_finite)
+        # qualified name for error messages; set by pytorch_mixtures.checks.name_layers(model)
+        self.layer_name: str | None = None
 
     @property
     def stats(self) -> RoutingStats | None:
         """Routing statistics of the last forward (None before the first)."""
         return self._stats
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None
+    ) -> Tensor:
         """Apply the layer.
 
         Args:
@@ -119,6 +157,8 @@ class MoELayer(AuxLossModule):
                 dimensions other than the last two are flattened into the batch.
             attention_mask: optional mask of shape ``x.shape[:-1]`` (1 = token, 0 = padding).
                 Padding tokens are not routed (output zero) and are excluded from aux losses.
+            token_ids: optional integer tensor of shape ``x.shape[:-1]``, for routers that
+                route on token ids (``HashRouter``, which requires it); others ignore it.
 
         Returns:
             ``[..., D]`` tensor of ``x``'s dtype: the sum of each token's weighted expert
@@ -139,6 +179,9 @@ class MoELayer(AuxLossModule):
                 else type(attention_mask).__name__
             )
             raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:-1])}, got {got}")
+        check_input_matches(x, self.experts)
+        if self.check_finite:
+            raise_if_nonfinite(self, "input x", x)
 
         if x.numel() == 0:
             return self._empty_forward(x)
@@ -146,19 +189,39 @@ class MoELayer(AuxLossModule):
         x_BTD = x.reshape(-1, seq_len, self.dim)
         mask_BT = None if attention_mask is None else attention_mask.reshape(x_BTD.shape[:2])
 
-        route = self.router(x_BTD, mask_BT)
+        if self.router.uses_token_ids:
+            route = self.router(x_BTD, mask_BT, token_ids=token_ids)
+        else:
+            route = self.router(x_BTD, mask_BT)
         plan = dispatch.plan_dispatch(route)
         x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
-        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert)
+        # no-op experts sort last: the real experts see only their own rows, and rows of
+        # no-op slots come back zero, as rows past the experts' counts always do
+        y_sorted_SD = self.experts(x_sorted_SD, plan.tokens_per_expert[: self.num_experts])
         y_ND = dispatch.combine(y_sorted_SD, route, plan)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self._shared_forward(x_BTD.reshape(-1, self.dim), mask_BT)
 
         self._set_aux(route.aux_loss, dict(route.aux_losses))
-        self._stats = routing_stats_from(route, plan)
-        return y_ND.reshape(x.shape).to(x.dtype)
+        self._stats = routing_stats_from(route, plan, x_BTD.reshape(-1, self.dim))
+        y = y_ND.reshape(x.shape).to(x.dtype)
+        if self.check_finite:
+            raise_if_nonfinite(self, "output", y)
+        return y
+
+    def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:
+        assert self.shared_experts is not None
+        shared_ND: Tensor = self.shared_experts(x_ND)
+        if self.shared_expert_gate is not None:
+            shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
+        if mask_BT is not None:
+            shared_ND = torch.where(mask_BT.reshape(-1, 1).bool(), shared_ND, 0.0)
+        return shared_ND
 
     def _empty_forward(self, x: Tensor) -> Tensor:
         zero = torch.zeros((), device=x.device)
-        empty = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        num_routes = self.num_experts + self.num_noop_experts
+        empty = torch.zeros(num_routes, dtype=torch.long, device=x.device)
         self._set_aux(zero, {})
         self._stats = RoutingStats(empty, zero.long(), zero.long(), zero.long(), zero.long())
         # keep the graph connected so backward on an empty batch still works
@@ -166,3 +229,15 @@ class MoELayer(AuxLossModule):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}"
+
+
+def _check_same_device(router: Router, experts: nn.Module) -> None:
+    router_param = next(router.parameters(), None)
+    expert_param = next(experts.parameters(), None)
+    if router_param is None or expert_param is None:
+        return
+    if router_param.device != expert_param.device:
+        raise ValueError(
+            f"experts: expected parameters on {router_param.device} (the router's device), "
+            f"got parameters on {expert_param.device}"
+        )

@@ -6,7 +6,7 @@ All fields are tensors computed on the routing device without host syncs; readin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +29,13 @@ class RoutingStats:
         dropped_slots: 0-dim int64, requested slots dropped by capacity.
         unrouted_tokens: 0-dim int64, real tokens with no kept slot (their layer output is 0).
         token_choice: True for token-choice routing (top-k), False for expert choice.
+        router_entropy: 0-dim float32, mean over real tokens of the entropy (nats) of the
+            router's distribution over experts (sigmoid scores normalised per token); ``log E``
+            for a uniform router, 0 for a one-hot one.
+        top1_confidence: 0-dim float32, mean over real tokens of the largest probability.
+        nonfinite_tokens: 0-dim int64, real tokens whose input row holds NaN or inf. They are
+            routed like any other token (their own output is then non-finite); in dropless
+            top-k routing no other token's output is affected.
     """
 
     tokens_per_expert: Tensor
@@ -37,6 +44,22 @@ class RoutingStats:
     dropped_slots: Tensor
     unrouted_tokens: Tensor
     token_choice: bool = True
+    router_entropy: Tensor = field(default_factory=lambda: torch.zeros(()))
+    top1_confidence: Tensor = field(default_factory=lambda: torch.zeros(()))
+    nonfinite_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    @property
+    def utilisation(self) -> Tensor:
+        """``[E]`` float32: load / ideal load, ideal = requested slots / E (1.0 everywhere at
+        perfect balance; below 1 on average when slots are dropped)."""
+        num_experts = self.tokens_per_expert.numel()
+        ideal = self.requested_slots.float().clamp_min(1.0) / max(num_experts, 1)
+        return self.tokens_per_expert.float() / ideal
+
+    @property
+    def dead_experts(self) -> Tensor:
+        """0-dim int64: experts that processed no token in this forward."""
+        return self.tokens_per_expert.eq(0).sum()
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -61,8 +84,11 @@ class RoutingStats:
         return load_E.max() / load_E.mean().clamp_min(1e-9)
 
 
-def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
-    """Statistics of one routing and its dispatch plan."""
+def routing_stats_from(
+    route: RouterOutput, plan: DispatchPlan, x_ND: Tensor | None = None
+) -> RoutingStats:
+    """Statistics of one routing and its dispatch plan; ``x_ND`` ``[N, D]`` (the routed input)
+    adds the count of non-finite tokens."""
     num_tokens = route.num_tokens
     if route.token_mask is None:
         real_tokens = torch.tensor(num_tokens, device=route.kept.device)
@@ -77,6 +103,14 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
     unrouted_N = kept_per_token_N.eq(0)
     if route.token_mask is not None:
         unrouted_N = unrouted_N & route.token_mask
+    entropy, confidence = _router_confidence(route)
+    if x_ND is None:
+        nonfinite = torch.zeros((), dtype=torch.long, device=route.kept.device)
+    else:
+        nonfinite_N = ~torch.isfinite(x_ND.detach()).all(dim=-1)
+        if route.token_mask is not None:
+            nonfinite_N = nonfinite_N & route.token_mask
+        nonfinite = nonfinite_N.sum()
     return RoutingStats(
         tokens_per_expert=plan.tokens_per_expert.detach(),
         num_tokens=real_tokens,
@@ -84,4 +118,25 @@ def routing_stats_from(route: RouterOutput, plan: DispatchPlan) -> RoutingStats:
         dropped_slots=dropped,
         unrouted_tokens=unrouted_N.sum(),
         token_choice=route.slots_per_token is not None,
+        router_entropy=entropy,
+        top1_confidence=confidence,
+        nonfinite_tokens=nonfinite,
     )
+
+
+@torch.no_grad()
+def _router_confidence(route: RouterOutput) -> tuple[Tensor, Tensor]:
+    """Mean entropy and mean top-1 probability of the router's per-token distributions."""
+    probs_NE = route.probs.detach().float()
+    if probs_NE.numel() == 0:
+        zero = torch.zeros((), device=probs_NE.device)
+        return zero, zero
+    # sigmoid scores do not sum to 1: normalise (softmax rows are unchanged)
+    probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    entropy_N = -torch.special.xlogy(probs_NE, probs_NE).sum(dim=-1)
+    top1_N = probs_NE.max(dim=-1).values
+    if route.token_mask is None:
+        return entropy_N.mean(), top1_N.mean()
+    real_N = route.token_mask.float()
+    count = real_N.sum().clamp_min(1.0)
+    return (entropy_N * real_N).sum() / count, (top1_N * real_N).sum() / count

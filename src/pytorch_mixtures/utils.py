@@ -32,6 +32,11 @@ class MHSA(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+        if dim < 1:
+            raise ValueError(f"dim: expected an integer >= 1, got {dim}")
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(
                 f"num_heads: expected a divisor of dim={dim}, got num_heads={num_heads}"
@@ -43,6 +48,9 @@ class MHSA(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"x: expected a floating-point Tensor [B, T, {self.dim}], got {got}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape [B, T, {self.dim}], got {tuple(x.shape)}")
         batch, seq_len, _ = x.shape
@@ -54,6 +62,11 @@ class MHSA(nn.Module):
         if attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
         else:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(
+                    f"attention_mask: expected a Tensor of shape {(batch, seq_len)}, "
+                    f"got {type(attention_mask).__name__}"
+                )
             if attention_mask.shape != (batch, seq_len):
                 raise ValueError(
                     f"attention_mask: expected shape {(batch, seq_len)}, "

@@ -22,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import name_layers
 from ..experts import SwiGLUExperts
+from ..mod import CausalRouterName, GateName, MixtureOfDepths
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
 
 __all__ = ["Block", "KVCache", "LMOutput", "ModelConfig", "SwiGLU", "TransformerLM"]
 
 ModelKind = Literal["dense", "moe", "mod", "mode"]
+MoDEVariant = Literal["staged", "integrated"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,14 @@ class ModelConfig:
     FFN is a top-k MoE of ``num_experts`` SwiGLU experts of width ``expert_hidden``, default
     ``ffn_hidden // top_k`` so active parameters match the dense model), ``"mod"`` (every
     ``mod_every``-th block is routed by Mixture-of-Depths at ``mod_capacity``) and ``"mode"``
-    (both).
+    (Mixture-of-Depths-and-Experts, Raposo et al. 2024 §3.6): with ``mode_variant="staged"``
+    (default) the MoE model's every ``mod_every``-th block is also MoD-routed; with
+    ``"integrated"`` there is no MoD wrapper and each MoE layer gets ``num_noop_experts``
+    no-op experts (default ``num_experts``), so a token routed to one skips the FFN.
+
+    MoD layers: ``mod_gate`` and ``mod_causal_router`` as in
+    :class:`~pytorch_mixtures.mod.MixtureOfDepths`, BCE weight ``mod_aux_loss_coef``.
+    ``num_noop_experts`` also applies to plain ``"moe"`` models when set.
     """
 
     vocab_size: int = 256
@@ -58,8 +68,24 @@ class ModelConfig:
     mod_capacity: float = 0.125
     mod_every: int = 2
     rope_theta: float = 10000.0
+    mod_gate: GateName = "sigmoid"
+    mod_causal_router: CausalRouterName = "predictor"
+    mod_aux_loss_coef: float = 0.01
+    mode_variant: MoDEVariant = "staged"
+    num_noop_experts: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+            if value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k: expected an integer in [1, num_experts={self.num_experts}], "
+                f"got {self.top_k}"
+            )
         if self.kind not in ("dense", "moe", "mod", "mode"):
             raise ValueError(f"kind: expected 'dense', 'moe', 'mod' or 'mode', got {self.kind!r}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -70,6 +96,16 @@ class ModelConfig:
         for name in ("vocab_size", "num_layers", "ffn_hidden", "moe_every", "mod_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.mode_variant not in ("staged", "integrated"):
+            raise ValueError(
+                f"mode_variant: expected 'staged' or 'integrated', got {self.mode_variant!r}"
+            )
+        if self.num_noop_experts is not None and self.num_noop_experts < 0:
+            raise ValueError(
+                f"num_noop_experts: expected an integer >= 0 or None, got {self.num_noop_experts}"
+            )
+        if not 0.0 < self.mod_capacity <= 1.0:
+            raise ValueError(f"mod_capacity: expected a value in (0, 1], got {self.mod_capacity}")
 
     @property
     def expert_width(self) -> int:
@@ -81,7 +117,15 @@ class ModelConfig:
         return self.kind in ("moe", "mode") and index % self.moe_every == self.moe_every - 1
 
     def is_mod_layer(self, index: int) -> bool:
-        return self.kind in ("mod", "mode") and index % self.mod_every == self.mod_every - 1
+        routed = self.kind == "mod" or (self.kind == "mode" and self.mode_variant == "staged")
+        return routed and index % self.mod_every == self.mod_every - 1
+
+    @property
+    def noop_experts(self) -> int:
+        """No-op experts per MoE layer (integrated MoDE); 0 for plain MoE by default."""
+        if self.num_noop_experts is not None:
+            return self.num_noop_experts
+        return self.num_experts if self.kind == "mode" and self.mode_variant == "integrated" else 0
 
 
 @dataclass(frozen=True)
@@ -196,13 +240,15 @@ class Block(nn.Module):
         if config.is_moe_layer(layer):
             router = TopKRouter(
                 config.dim,
-                config.num_experts,
+                config.num_experts + config.noop_experts,
                 config.top_k,
                 capacity_factor=config.capacity_factor,
                 **config.router_kwargs,  # type: ignore[arg-type]
             )
             experts = SwiGLUExperts(config.num_experts, config.dim, config.expert_width)
-            self.ffn = MoELayer(config.dim, router, experts, causal=True)
+            self.ffn = MoELayer(
+                config.dim, router, experts, causal=True, num_noop_experts=config.noop_experts
+            )
         else:
             self.ffn = SwiGLU(config.dim, config.ffn_hidden)
 
@@ -241,11 +287,19 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied embeddings
         self.apply(self._init_weights)
+        name_layers(self)  # errors from a layer say which one ("layers.1.ffn")
 
     def _make_layer(self, index: int) -> nn.Module:
         block = Block(self.config, index)
         if self.config.is_mod_layer(index):
-            raise NotImplementedError("Mixture-of-Depths layers are not available yet")
+            return MixtureOfDepths(
+                block,
+                self.config.dim,
+                self.config.mod_capacity,
+                gate=self.config.mod_gate,
+                causal_router=self.config.mod_causal_router,
+                aux_loss_coef=self.config.mod_aux_loss_coef,
+            )
         return block
 
     @staticmethod
@@ -273,6 +327,7 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"idx: expected an int64 tensor [B, T], got {idx.dtype} {tuple(idx.shape)}"
             )
+        _check_lm_inputs(idx, targets, attention_mask, position_ids, self.config.vocab_size)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
@@ -345,6 +400,37 @@ class TransformerLM(nn.Module):
             return idx
         finally:
             self.train(was_training)
+
+
+def _check_lm_inputs(
+    idx: Tensor,
+    targets: Tensor | None,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    vocab_size: int,
+) -> None:
+    """Clear errors for what would otherwise fail deep inside (or, on GPU, as a device assert)."""
+    for name, value in (
+        ("targets", targets),
+        ("attention_mask", attention_mask),
+        ("position_ids", position_ids),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name}: expected a Tensor of shape {tuple(idx.shape)}, got {type(value).__name__}"
+            )
+        if value.shape != idx.shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(idx.shape)} (as idx), got {tuple(value.shape)}"
+            )
+    if idx.numel() and not torch.compiler.is_compiling():
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"idx: expected token ids in [0, {vocab_size - 1}], got values in [{low}, {high}]"
+            )
 
 
 def _sample(

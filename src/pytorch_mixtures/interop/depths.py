@@ -1,0 +1,181 @@
+"""Mixture-of-Depths for Hugging Face decoders: ``route_depths(model, capacity=..., every=2)``.
+
+Each chosen decoder layer is wrapped in :class:`~pytorch_mixtures.MixtureOfDepths` (Raposo et al.
+2024) through :class:`~pytorch_mixtures.HFDecoderLayerAdapter`: in training each sequence's top
+``ceil(capacity * T)`` tokens run through the layer (with their true positions' rotary
+embeddings), the rest skip it; in eval a causal per-token predictor decides, so the model stays
+causal. The wrapper accepts the decoder layer's call from the Hugging Face model and turns its
+inputs into what the MoD layer needs: the padding mask ``[B, T]`` (read off the 4-D causal mask
+the model builds: a token is real iff it may attend to itself) and the position ids ``[B, T]``.
+
+Shape legend: B batch, T sequence, D model dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..mod import HFDecoderLayerAdapter, MixtureOfDepths
+from ..routing import _check_positive_int
+from .upcycle import _mlp_dim, attach_aux_loss
+
+__all__ = ["MoDDecoderLayer", "route_depths"]
+
+
+def padding_mask_from_hf(attention_mask: Tensor | None, batch: int, seq_len: int) -> Tensor | None:
+    """``[B, T]`` bool (True = real token) from the mask a HF model hands its decoder layers.
+
+    ``None`` (no padding, SDPA's fast path) stays None; a 2-D ``[B, T]`` mask (flash attention)
+    is used as is; a 4-D ``[B, 1, T, T]`` mask (bool: True = may attend; float: 0 = may attend)
+    gives its diagonal: a padding token may not attend to itself, a real one always may.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] < seq_len:
+        raise ValueError(
+            f"attention_mask: expected None, [B, T] or [B, 1, T, T] from the model, got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    # keys may extend past T (a cache); the current tokens are the last T keys
+    diag_BT = attention_mask[:, 0, -seq_len:, -seq_len:].diagonal(dim1=-2, dim2=-1)
+    allowed_BT = diag_BT if diag_BT.dtype == torch.bool else diag_BT == 0
+    return allowed_BT.expand(batch, seq_len)
+
+
+class MoDDecoderLayer(nn.Module):
+    """A Hugging Face decoder layer behind Mixture-of-Depths, called like the layer itself.
+
+    ``forward(hidden_states [B, T, D], attention_mask=None, position_ids=None, cache=None,
+    use_cache=False, position_embeddings=None, **kwargs) -> [B, T, D]``. The model's rotary
+    embeddings are recomputed inside for the routed tokens' true positions, so
+    ``position_embeddings`` is ignored. KV caches are not supported (a skipped token would leave
+    a hole in this layer's cache): decode with ``use_cache=False``, which
+    :func:`route_depths` makes the model's default.
+
+    Attributes:
+        mod: the :class:`~pytorch_mixtures.MixtureOfDepths` (its ``aux_loss``, ``stats``,
+            ``threshold``).
+    """
+
+    def __init__(self, mod: MixtureOfDepths) -> None:
+        super().__init__()
+        self.mod = mod
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool | None = False,
+        position_embeddings: Any = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if cache is not None or kwargs.get("past_key_values") is not None or use_cache:
+            raise ValueError(
+                "cache: Mixture-of-Depths layers do not support KV caches (a skipped token "
+                "leaves a hole); call the model or generate() with use_cache=False"
+            )
+        batch, seq_len, _ = hidden_states.shape
+        valid_BT = padding_mask_from_hf(attention_mask, batch, seq_len)
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=hidden_states.device)
+        pos_BT = position_ids.reshape(-1, seq_len).expand(batch, seq_len)
+        out: Tensor = self.mod(hidden_states, attention_mask=valid_BT, position_ids=pos_BT)
+        return out
+
+
+def _decoder_layer_lists(model: nn.Module) -> list[tuple[nn.Module, nn.ModuleList]]:
+    """(rotary_emb, layers) for every ModuleList of attention layers next to a ``rotary_emb``."""
+    found = []
+    for owner in model.modules():
+        rotary = getattr(owner, "rotary_emb", None)
+        if not isinstance(rotary, nn.Module):
+            continue
+        for child in owner.children():
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child) > 0
+                and all(
+                    hasattr(layer, "self_attn") or isinstance(layer, MoDDecoderLayer)
+                    for layer in child
+                )
+            ):
+                found.append((rotary, child))
+    return found
+
+
+def route_depths(
+    model: nn.Module,
+    *,
+    capacity: float = 0.125,
+    every: int = 2,
+    attach_loss: bool = True,
+    **mod_kwargs: Any,
+) -> nn.Module:
+    """Wrap a Hugging Face decoder's layers in Mixture-of-Depths, in place (Raposo et al. 2024).
+
+    Layers ``i`` with ``(i + 1) % every == 0`` (the paper routes every other block) of each
+    decoder layer list (a ``ModuleList`` of layers with ``self_attn`` whose owner has a
+    ``rotary_emb``: Llama, Mistral, Qwen2, Qwen3, Gemma, ... in ``transformers`` >= 5) become
+    :class:`MoDDecoderLayer` s around ``MixtureOfDepths(HFDecoderLayerAdapter(layer,
+    rotary_emb), dim, capacity, **mod_kwargs)``.
+
+    Training processes each sequence's top ``ceil(capacity * real tokens)`` tokens per routed
+    layer; ``eval()`` decides per token with the causal predictor (train it first: its BCE loss
+    is part of ``pm.aux_loss(model)``). KV caches are not supported: the model's ``use_cache``
+    and its generation config's default become False, so ``generate()`` recomputes the prefix
+    each step. The routed layer's attention sees only the routed tokens, as in the paper.
+
+    Args:
+        model: a ``transformers`` causal LM (or its base model).
+        capacity: fraction of each sequence's tokens a routed layer processes, in (0, 1].
+        every: route every ``every``-th layer.
+        attach_loss: call :func:`~pytorch_mixtures.interop.attach_aux_loss` so
+            ``outputs.loss`` includes ``pm.aux_loss(model)``.
+        **mod_kwargs: passed to :class:`~pytorch_mixtures.MixtureOfDepths` (``gate``,
+            ``causal_router``, ``threshold``, ``aux_loss_coef``, ...).
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        ValueError: bad arguments or no decoder layer list with a rotary embedding found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    every = _check_positive_int("every", every)
+    layer_lists = _decoder_layer_lists(model)
+    if not layer_lists:
+        raise ValueError(
+            f"model: expected decoder layers (with self_attn) next to a rotary_emb module in "
+            f"{type(model).__name__}, found none"
+        )
+    for rotary, layers in layer_lists:
+        for index in range(len(layers)):
+            if (index + 1) % every != 0:
+                continue
+            layer = layers[index]
+            if isinstance(layer, MoDDecoderLayer):
+                raise ValueError(f"model: layer {index} is already routed by Mixture-of-Depths")
+            dim = getattr(layer, "hidden_size", None) or _mlp_dim(layer)
+            adapter = HFDecoderLayerAdapter(layer, rotary)
+            mod = MixtureOfDepths(adapter, int(dim), capacity, **mod_kwargs)
+            reference = next(layer.parameters())
+            # only the MoD's own router/predictor move: the shared rotary_emb keeps its dtype
+            for part in (mod.router, mod.predictor):
+                if part is not None:
+                    part.to(device=reference.device, dtype=reference.dtype)
+            layers[index] = MoDDecoderLayer(mod)
+    for config_name in ("config", "generation_config"):
+        config = getattr(model, config_name, None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
+    if attach_loss:
+        attach_aux_loss(model)
+    return model

@@ -1,0 +1,237 @@
+"""Sparse upcycling of dense Hugging Face models, and the aux-loss hook for HF training.
+
+``moeify(model, num_experts=8, top_k=2)`` replaces the dense MLPs of a ``transformers``
+decoder in place with :class:`MoELayer` s whose experts start as copies of the dense MLP and
+whose router starts small (Komatsuzaki et al. 2022, "Sparse Upcycling: Training
+Mixture-of-Experts from Dense Checkpoints"). With renormalised top-k weights
+(``normalize_weights=True``, the default) and no noise, every token's output is
+``sum_k w_k * MLP(x) = MLP(x)``: the converted model's logits equal the dense model's, up to
+float rounding, and training starts from the dense model's quality.
+
+``attach_aux_loss(model)`` (done by ``moeify`` unless told otherwise) makes
+``model(..., labels=...).loss`` include ``pm.aux_loss(model)``, so ``transformers.Trainer`` and
+plain loops that use ``outputs.loss`` train the routers' balance and z losses with no other
+change.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..experts import ExpertsBase, ModuleListExperts, SwiGLUExperts
+from ..losses import aux_loss
+from ..moe_layer import MoELayer
+from ..routing import TopKRouter, _check_positive_int
+from .hf import _activation_name
+
+__all__ = ["attach_aux_loss", "moeify"]
+
+_HOOK_ATTR = "_pytorch_mixtures_aux_loss_hook"
+
+
+def _is_swiglu_mlp(mlp: nn.Module) -> bool:
+    """A Llama-style MLP ``down(silu(gate(x)) * up(x))`` with bias-free linears."""
+    linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(layer, nn.Linear) and layer.bias is None for layer in linears):
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not callable(act):
+        return False
+    try:
+        return _activation_name(act) == "silu"
+    except ValueError:
+        return False
+
+
+def _mlp_dim(mlp: nn.Module) -> int:
+    for module in mlp.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+    raise ValueError(
+        f"mlp: expected a module containing an nn.Linear (to read the model dim), got "
+        f"{type(mlp).__name__}"
+    )
+
+
+def _add_noise(tensor: Tensor, noise: float, generator: torch.Generator | None) -> None:
+    """``tensor += noise * std(tensor) * N(0, 1)``: noise relative to the weight's own scale."""
+    if noise == 0:
+        return
+    scale = noise * float(tensor.float().std()) if tensor.numel() > 1 else noise
+    randn = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+    tensor.add_((scale * randn).to(device=tensor.device, dtype=tensor.dtype))
+
+
+def _experts_from_mlp(
+    mlp: Any, num_experts: int, noise: float, generator: torch.Generator | None
+) -> ExpertsBase:
+    """E copies of ``mlp``: stacked SwiGLU for Llama-style MLPs, else a list of deep copies."""
+    with torch.no_grad():
+        if _is_swiglu_mlp(mlp):
+            gate_HD = mlp.gate_proj.weight
+            up_HD = mlp.up_proj.weight
+            down_DH = mlp.down_proj.weight
+            hidden, dim = gate_HD.shape
+            stacked = SwiGLUExperts(num_experts, dim, hidden)
+            stacked.to(device=gate_HD.device, dtype=gate_HD.dtype)
+            gate_up_D2H = torch.cat([gate_HD.T, up_HD.T], dim=1)
+            stacked.w_gate_up.copy_(gate_up_D2H.unsqueeze(0).expand_as(stacked.w_gate_up))
+            stacked.w_down.copy_(down_DH.T.unsqueeze(0).expand_as(stacked.w_down))
+            for index in range(num_experts):
+                _add_noise(stacked.w_gate_up[index], noise, generator)
+                _add_noise(stacked.w_down[index], noise, generator)
+            return stacked
+        copies = [copy.deepcopy(mlp) for _ in range(num_experts)]
+        for expert in copies:
+            for param in expert.parameters():
+                _add_noise(param, noise, generator)
+        return ModuleListExperts(copies, _mlp_dim(mlp))
+
+
+def _layer_lists(model: nn.Module, mlp_name: str) -> list[tuple[str, nn.ModuleList]]:
+    """Every ``nn.ModuleList`` whose entries all have an ``mlp_name`` submodule (the decoders)."""
+    found = []
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and all(isinstance(getattr(layer, mlp_name, None), nn.Module) for layer in module)
+        ):
+            found.append((name, module))
+    return found
+
+
+def moeify(
+    model: nn.Module,
+    *,
+    num_experts: int,
+    top_k: int = 2,
+    every: int = 1,
+    noise: float = 0.0,
+    capacity_factor: float | None = None,
+    balance_loss_coef: float = 0.01,
+    z_loss_coef: float = 0.001,
+    router_init_std: float = 0.02,
+    mlp_name: str = "mlp",
+    generator: torch.Generator | None = None,
+    attach_loss: bool = True,
+) -> nn.Module:
+    """Upcycle a dense ``transformers`` model into a Mixture-of-Experts, in place.
+
+    In every decoder layer list (an ``nn.ModuleList`` whose layers have an ``mlp_name``
+    attribute, e.g. ``model.model.layers`` of Llama, Mistral, Qwen2, Gemma, GPT-2's ``h``),
+    the MLP of layers ``i`` with ``(i + 1) % every == 0`` is replaced by a :class:`MoELayer`:
+    a :class:`TopKRouter` (softmax, renormalised top-k, init std ``router_init_std``) and
+    ``num_experts`` copies of the MLP (stacked :class:`SwiGLUExperts` for Llama-style
+    ``gate_proj``/``up_proj``/``down_proj`` SiLU MLPs, a list of deep copies otherwise).
+    Sparse upcycling, Komatsuzaki et al. 2022.
+
+    With ``noise=0`` the model's outputs are unchanged right after conversion (each token's
+    renormalised top-k weights sum to 1 over identical experts); ``noise > 0`` perturbs each
+    expert's weights by ``noise * std(W) * N(0, 1)`` to break the symmetry between experts.
+    Routing is per token, so ``generate()`` with a KV cache works as before. Padding tokens
+    are routed too (the HF decoder layer does not pass its mask to the MLP).
+
+    Args:
+        model: a ``transformers`` model (or any module with such layer lists).
+        num_experts: E >= 1.
+        top_k: experts per token, in ``[1, num_experts]``.
+        every: convert every ``every``-th layer (``every=2``: layers 1, 3, 5, ... counted from 0,
+            like Qwen2-MoE's ``decoder_sparse_step``).
+        noise: relative std of the noise added to each expert copy (>= 0).
+        capacity_factor: None (dropless) or the router's capacity factor.
+        balance_loss_coef: weight of the balance loss in each layer's ``aux_loss``.
+        z_loss_coef: weight of the router z-loss.
+        router_init_std: std of the router's normal init (small: near-uniform routing).
+        mlp_name: attribute name of the MLP inside each layer.
+        generator: random generator for the router init and the noise (reproducibility).
+        attach_loss: call :func:`attach_aux_loss` so ``outputs.loss`` includes
+            ``pm.aux_loss(model)`` (then do not add it again yourself).
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        ValueError: bad arguments, or no layer list with ``mlp_name`` found.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    num_experts = _check_positive_int("num_experts", num_experts)
+    top_k = _check_positive_int("top_k", top_k, 1, num_experts)
+    every = _check_positive_int("every", every)
+    for name, value in (("noise", noise), ("router_init_std", router_init_std)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    layer_lists = _layer_lists(model, mlp_name)
+    if not layer_lists:
+        raise ValueError(
+            f"mlp_name: expected layers with a {mlp_name!r} submodule inside an nn.ModuleList "
+            f"of {type(model).__name__}, found none"
+        )
+    for _, layers in layer_lists:
+        for index, layer in enumerate(layers):
+            if (index + 1) % every != 0:
+                continue
+            mlp: nn.Module = getattr(layer, mlp_name)
+            if isinstance(mlp, MoELayer):
+                raise ValueError(f"model: layer {index}'s {mlp_name} is already a MoELayer")
+            experts = _experts_from_mlp(mlp, num_experts, float(noise), generator)
+            router = TopKRouter(
+                experts.dim,
+                num_experts,
+                top_k,
+                capacity_factor=capacity_factor,
+                balance_loss_coef=balance_loss_coef,
+                z_loss_coef=z_loss_coef,
+                init_std=router_init_std,
+            )
+            reference = next(mlp.parameters())
+            with torch.no_grad():
+                weight = torch.randn(router.gate.weight.shape, generator=generator)
+                router.gate.weight.copy_(weight * router_init_std)
+            router.to(device=reference.device, dtype=reference.dtype)
+            setattr(layer, mlp_name, MoELayer(experts.dim, router, experts, causal=True))
+    if attach_loss:
+        attach_aux_loss(model)
+    return model
+
+
+def attach_aux_loss(model: nn.Module) -> RemovableHandle:
+    """Make ``model(...).loss`` include ``pm.aux_loss(model)`` whenever the model returns a loss.
+
+    A forward hook on ``model``: when the output has a ``loss`` that is not None (a
+    ``transformers`` ``ModelOutput`` computed with ``labels``), it becomes
+    ``loss + pm.aux_loss(model)``; ``outputs.loss``, ``outputs["loss"]`` and ``outputs[0]``
+    all see the sum. This is what ``transformers.Trainer`` reads, so no callback or
+    ``compute_loss`` override is needed. Calls without labels (``generate()``, evaluation
+    logits) are untouched. Attaching twice is a no-op returning the first handle.
+
+    Tuple outputs (``return_dict=False``) are not modified: add ``pm.aux_loss(model)`` to the
+    loss yourself there.
+
+    Returns:
+        The hook's handle; ``handle.remove()`` detaches it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    existing = getattr(model, _HOOK_ATTR, None)
+    if isinstance(existing, RemovableHandle) and existing.id in model._forward_hooks:
+        return existing
+
+    def add_aux(module: nn.Module, args: Any, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, Tensor):
+            output.loss = loss + aux_loss(module).to(device=loss.device, dtype=loss.dtype)
+        return output
+
+    handle = model.register_forward_hook(add_aux)
+    object.__setattr__(model, _HOOK_ATTR, handle)
+    return handle

@@ -1,0 +1,202 @@
+# ruff: noqa: E501  (one table row per line reads best)
+"""Table-driven bad input: every case raises ValueError or TypeError naming the argument, what
+was expected and what was received; no other exception type may escape.
+
+Each row is ``(id, call, error, fragments)``: ``call(tmp_path)`` must raise ``error`` and the
+message must contain every fragment (the argument's name, the expected and the received value).
+To cover a new public class or function, append rows (tests/test_errors.py holds the first,
+smaller table; rows here do not repeat it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import pytorch_mixtures as pm
+from pytorch_mixtures.models import ModelConfig, TransformerLM
+
+D, E = 8, 4
+
+Call = Callable[[Path], object]
+
+
+def topk(**kwargs) -> pm.TopKRouter:
+    return pm.TopKRouter(D, E, 2, **kwargs)
+
+
+def layer(**kwargs) -> pm.MoELayer:
+    return pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16), **kwargs)
+
+
+def x(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    shape = shape or (2, 3, D)
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def lm() -> TransformerLM:
+    return TransformerLM(ModelConfig(vocab_size=50, dim=16, num_layers=1, num_heads=2, kind="moe"))
+
+
+def load(module: nn.Module, state: dict[str, torch.Tensor]) -> object:
+    return module.load_state_dict(state)
+
+
+def write(tmp: Path, name: str, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def saved(tmp: Path, obj: object) -> Path:
+    path = tmp / "obj.pt"
+    torch.save(obj, path)
+    return path
+
+
+class Opaque:
+    """A class torch.load(weights_only=True) must refuse to unpickle."""
+
+
+def experts_list(*modules: nn.Module) -> list[nn.Module]:
+    return list(modules)
+
+
+CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
+    # --- router construction
+    ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
+    ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),
+    ("router experts zero", lambda t: pm.TopKRouter(D, 0), ValueError, ("num_experts", "got 0")),
+    ("router experts bool", lambda t: pm.TopKRouter(D, True), TypeError, ("num_experts", "bool")),
+    ("top_k negative", lambda t: pm.TopKRouter(D, E, -1), ValueError, ("top_k", "[1, 4]", "-1")),
+    ("top_k None", lambda t: pm.TopKRouter(D, E, None), TypeError, ("top_k", "int", "NoneType")),
+    ("capacity nan", lambda t: topk(capacity_factor=float("nan")), ValueError, ("capacity_factor", "finite", "nan")),
+    ("capacity inf", lambda t: topk(capacity_factor=float("inf")), ValueError, ("capacity_factor", "> 0", "inf")),
+    ("capacity str", lambda t: topk(capacity_factor="1.0"), TypeError, ("capacity_factor", "float", "'1.0'")),
+    ("balance coef negative", lambda t: topk(balance_loss_coef=-0.1), ValueError, ("balance_loss_coef", ">= 0", "-0.1")),
+    ("z coef nan", lambda t: topk(z_loss_coef=float("nan")), ValueError, ("z_loss_coef", ">= 0", "nan")),
+    ("jitter negative", lambda t: topk(jitter_noise=-0.1), ValueError, ("jitter_noise", ">= 0", "-0.1")),
+    ("ec capacity factor str", lambda t: pm.ExpertChoiceRouter(D, E, "2"), TypeError, ("capacity_factor", "float", "'2'")),
+    ("ec capacity and factor", lambda t: pm.ExpertChoiceRouter(D, E, 1.0, capacity=2), ValueError, ("capacity", "capacity=2", "capacity_factor=1.0")),
+    ("ec capacity fraction", lambda t: pm.ExpertChoiceRouter(D, E, capacity=1.5), ValueError, ("capacity", "(0, 1]", "1.5")),
+    ("ec capacity str", lambda t: pm.ExpertChoiceRouter(D, E, capacity="2"), TypeError, ("capacity", "int count", "'2'")),
+    ("groups not divisor", lambda t: pm.TopKRouter(D, E, 2, num_groups=3), ValueError, ("num_groups", "divisor", "3")),
+    ("bias update without bias", lambda t: topk().update_expert_bias(), ValueError, ("update_expert_bias", "expert_bias=False")),
+    ("uniform mode", lambda t: pm.UniformRouter(D, E, mode="hash"), ValueError, ("mode", "'random'", "'hash'")),
+    ("hash vocab zero", lambda t: pm.HashRouter(D, E, 0), ValueError, ("vocab_size", ">= 1", "got 0")),
+    ("hash without token ids", lambda t: pm.MoELayer(D, pm.HashRouter(D, E, 50), pm.MLPExperts(E, D, 16))(x()), ValueError, ("token_ids", "token_ids=input_ids")),
+    ("hash float token ids", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.zeros(2, 3)), TypeError, ("token_ids", "integer", "float32")),
+    ("hash token id range", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.full((2, 3), 50)), ValueError, ("token_ids", "[0, 50)", "max 50")),
+    ("soft moe slots zero", lambda t: pm.SoftMoE(D, E, 0, pm.MLPExperts(E, D, 16)), ValueError, ("slots_per_expert", ">= 1", "got 0")),
+    ("shared experts str", lambda t: pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16), shared_experts="mlp"), TypeError, ("shared_experts", "nn.Module", "str")),
+    ("ec z coef negative", lambda t: pm.ExpertChoiceRouter(D, E, z_loss_coef=-1.0), ValueError, ("z_loss_coef", ">= 0", "-1.0")),
+    # --- router forward
+    ("router int x", lambda t: topk()(x(dtype=torch.long)), TypeError, ("x", "floating", "torch.int64")),
+    ("router bool x", lambda t: topk()(x(dtype=torch.bool)), TypeError, ("x", "floating", "torch.bool")),
+    ("router rank 4", lambda t: topk()(x(1, 2, 3, D)), ValueError, ("x", f"[B, T, {D}]", "(1, 2, 3, 8)")),
+    ("router rank 1", lambda t: topk()(x(D)), ValueError, ("x", f"[N, {D}]", "(8,)")),
+    ("router last dim", lambda t: topk()(x(2, 3, D + 1)), ValueError, ("x", f"[B, T, {D}]", "(2, 3, 9)")),
+    ("router list x", lambda t: topk()([[0.0] * D]), TypeError, ("x", "Tensor", "list")),
+    ("router mask transposed", lambda t: topk()(x(), torch.ones(3, 2)), ValueError, ("attention_mask", "(2, 3)", "(3, 2)")),
+    ("router mask list", lambda t: topk()(x(), [[1, 1, 1]] * 2), TypeError, ("attention_mask", "Tensor", "list")),
+    ("router mask complex", lambda t: topk()(x(), torch.ones(2, 3, dtype=torch.complex64)), TypeError, ("attention_mask", "bool", "complex64")),
+    ("router mask device", lambda t: topk()(x(), torch.ones(2, 3, device="meta")), ValueError, ("attention_mask", "cpu", "meta")),
+    ("ec int x", lambda t: pm.ExpertChoiceRouter(D, E)(x(dtype=torch.int32)), TypeError, ("x", "floating", "torch.int32")),
+    ("ec mask shape", lambda t: pm.ExpertChoiceRouter(D, E)(x(), torch.ones(2, 4)), ValueError, ("attention_mask", "(2, 3)", "(2, 4)")),
+    # --- MoELayer construction
+    ("layer dim float", lambda t: pm.MoELayer(8.0, topk(), pm.MLPExperts(E, D, 16)), TypeError, ("dim", "int", "float")),
+    ("router for other dim", lambda t: pm.MoELayer(D, pm.TopKRouter(D + 2, E), pm.MLPExperts(E, D, 16)), ValueError, ("dim", f"dim={D + 2}", f"dim={D}")),
+    ("experts single module", lambda t: pm.MoELayer(D, topk(), nn.Linear(D, D)), TypeError, ("experts", "list of nn.Module", "Linear")),
+    ("experts str", lambda t: pm.MoELayer(D, topk(), "mlp"), TypeError, ("experts", "list of nn.Module", "str")),
+    ("experts mixed dtype", lambda t: pm.MoELayer(D, topk(), [nn.Linear(D, D), nn.Linear(D, D).double(), nn.Linear(D, D), nn.Linear(D, D)]), ValueError, ("experts[1]", "float32", "float64")),
+    ("experts on other device", lambda t: pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16).to("meta")), ValueError, ("experts", "cpu", "meta")),
+    ("layer capacity str", lambda t: pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16), "1.25"), TypeError, ("capacity_factor", "float", "'1.25'")),
+    ("expert of other width", lambda t: pm.MoELayer(D, topk(), [nn.Linear(D + 1, D) for _ in range(E)])(x()), ValueError, ("experts[", f"[n, {D}]", "failed on an input of shape")),
+    # --- MoELayer forward
+    ("layer 0-dim x", lambda t: layer()(torch.tensor(1.0)), ValueError, ("x", f"[..., {D}]", "()")),
+    ("layer bool x", lambda t: layer()(x(dtype=torch.bool)), TypeError, ("x", "floating", "torch.bool")),
+    ("layer list x", lambda t: layer()([1.0] * D), TypeError, ("x", "Tensor", "list")),
+    ("layer float64 x", lambda t: layer()(x(dtype=torch.float64)), TypeError, ("x", "torch.float32", "torch.float64")),
+    ("layer bf16 x no autocast", lambda t: layer()(x(dtype=torch.bfloat16)), TypeError, ("x", "torch.float32", "torch.bfloat16")),
+    ("layer x other device", lambda t: layer()(x(device="meta")), ValueError, ("x", "cpu", "meta")),
+    ("layer mask list", lambda t: layer()(x(), attention_mask=[1, 1]), ValueError, ("attention_mask", "(2, 3)", "list")),
+    ("layer mask rank", lambda t: layer()(x(), attention_mask=torch.ones(2)), ValueError, ("attention_mask", "(2, 3)", "(2,)")),
+    # --- experts
+    ("mlp experts zero", lambda t: pm.MLPExperts(0, D, 16), ValueError, ("num_experts", ">= 1", "got 0")),
+    ("mlp dim float", lambda t: pm.MLPExperts(E, 8.0, 16), TypeError, ("dim", "int", "float")),
+    ("swiglu hidden bool", lambda t: pm.SwiGLUExperts(E, D, True), TypeError, ("hidden_dim", "int", "bool")),
+    ("experts x width", lambda t: pm.MLPExperts(E, D, 16)(x(5, D + 1), torch.tensor([1, 1, 1, 2])), ValueError, ("x", f"[S, {D}]", "(5, 9)")),
+    ("experts counts float", lambda t: pm.MLPExperts(E, D, 16)(x(5, D), torch.ones(E)), TypeError, ("tokens_per_expert", "integer", "float32")),
+    ("experts counts shape", lambda t: pm.MLPExperts(E, D, 16)(x(5, D), torch.ones(3, dtype=torch.long)), ValueError, ("tokens_per_expert", "(4,)", "(3,)")),
+    ("experts counts too many", lambda t: pm.SwiGLUExperts(E, D, 16)(x(5, D), torch.full((E,), 2)), ValueError, ("tokens_per_expert", "sum to 8", "5 rows")),
+    ("module list dim zero", lambda t: pm.ModuleListExperts([nn.Identity()], 0), ValueError, ("dim", ">= 1", "got 0")),
+    # --- state dicts
+    ("load more experts", lambda t: load(layer(), pm.MoELayer(D, pm.TopKRouter(D, 8), pm.MLPExperts(8, D, 16)).state_dict()), ValueError, ("state_dict", "4 experts", "8 experts")),
+    ("router load experts", lambda t: load(topk(), pm.TopKRouter(D, 6).state_dict()), ValueError, ("state_dict", "4 experts", "6 experts")),
+    ("router load dim", lambda t: load(topk(), pm.TopKRouter(D + 1, E).state_dict()), ValueError, ("state_dict", f"dim={D}", f"dim={D + 1}")),
+    ("experts load fewer", lambda t: load(pm.SwiGLUExperts(E, D, 16), pm.SwiGLUExperts(2, D, 16).state_dict()), ValueError, ("state_dict", "4 experts", "2 experts")),
+    ("module list load", lambda t: load(pm.ModuleListExperts([nn.Linear(D, D)] * E, D), pm.ModuleListExperts([nn.Linear(D, D) for _ in range(5)], D).state_dict()), ValueError, ("state_dict", "4 experts", "5 experts")),
+    # --- losses
+    ("balance num_experts", lambda t: pm.losses.load_balancing_loss(torch.randn(6, 5), 4, 2), ValueError, ("num_experts", "5", "got 4")),
+    ("balance top_k zero", lambda t: pm.losses.load_balancing_loss(torch.randn(6, E), E, 0), ValueError, ("top_k", "[1, 4]", "got 0")),
+    ("balance top_k float", lambda t: pm.losses.load_balancing_loss(torch.randn(6, E), E, 1.5), TypeError, ("top_k", "int", "float")),
+    ("z-loss int logits", lambda t: pm.losses.router_z_loss(torch.ones(6, E, dtype=torch.long)), TypeError, ("router_logits", "floating", "torch.int64")),
+    ("z-loss str", lambda t: pm.losses.router_z_loss("logits"), TypeError, ("router_logits", "Tensor", "str")),
+    ("z-loss mask size", lambda t: pm.losses.router_z_loss(torch.randn(12, E), torch.ones(5)), ValueError, ("attention_mask", "12", "(5,)")),
+    ("aux_loss of list", lambda t: pm.aux_loss([layer()]), TypeError, ("model", "nn.Module", "list")),
+    ("plan_dispatch None", lambda t: pm.dispatch.plan_dispatch(None), TypeError, ("route", "RouterOutput", "NoneType")),
+    # --- MHSA
+    ("mhsa heads float", lambda t: pm.MHSA(D, 2.0), TypeError, ("num_heads", "int", "float")),
+    ("mhsa dropout one", lambda t: pm.MHSA(D, 2, dropout=1.0), ValueError, ("dropout", "[0, 1)", "1.0")),
+    ("mhsa rank 2", lambda t: pm.MHSA(D, 2)(x(3, D)), ValueError, ("x", f"[B, T, {D}]", "(3, 8)")),
+    ("mhsa int x", lambda t: pm.MHSA(D, 2)(x(dtype=torch.long)), TypeError, ("x", "floating", "torch.int64")),
+    ("mhsa mask shape", lambda t: pm.MHSA(D, 2)(x(), torch.ones(2, 4)), ValueError, ("attention_mask", "(2, 3)", "(2, 4)")),
+    ("mhsa mask list", lambda t: pm.MHSA(D, 2)(x(), [[1, 1, 1]]), TypeError, ("attention_mask", "Tensor", "list")),
+    # --- reference model
+    ("config top_k > experts", lambda t: ModelConfig(kind="moe", num_experts=4, top_k=5), ValueError, ("top_k", "num_experts=4", "got 5")),
+    ("config heads zero", lambda t: ModelConfig(num_heads=0), ValueError, ("num_heads", ">= 1", "got 0")),
+    ("config dim float", lambda t: ModelConfig(dim=128.0), TypeError, ("dim", "int", "float")),
+    ("lm float idx", lambda t: lm()(torch.zeros(2, 5)), ValueError, ("idx", "int64", "torch.float32")),
+    ("lm idx out of vocab", lambda t: lm()(torch.tensor([[1, 2, 50]])), ValueError, ("idx", "[0, 49]", "[1, 50]")),
+    ("lm negative idx", lambda t: lm()(torch.tensor([[-1, 2]])), ValueError, ("idx", "[0, 49]", "[-1, 2]")),
+    ("lm targets shape", lambda t: lm()(torch.zeros(2, 5, dtype=torch.long), targets=torch.zeros(2, 4, dtype=torch.long)), ValueError, ("targets", "(2, 5)", "(2, 4)")),
+    ("lm mask shape", lambda t: lm()(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(5)), ValueError, ("attention_mask", "(2, 5)", "(5,)")),
+    ("lm position_ids list", lambda t: lm()(torch.zeros(1, 2, dtype=torch.long), position_ids=[[0, 1]]), TypeError, ("position_ids", "Tensor", "list")),
+    # --- files and checkpoints (the CLI's --data and checkpoint paths)
+    ("file missing", lambda t: pm.checks.readable_file(t / "nope.txt", "--data"), ValueError, ("--data", "existing file", "nope.txt")),
+    ("file is a directory", lambda t: pm.checks.readable_file(t, "--data"), ValueError, ("--data", "expected a file", "directory")),
+    ("file empty", lambda t: pm.checks.readable_file(write(t, "e.txt", b""), "--data"), ValueError, ("--data", "non-empty", "0 bytes")),
+    ("file path int", lambda t: pm.checks.readable_file(3, "--data"), TypeError, ("--data", "path", "int")),
+    ("checkpoint empty", lambda t: pm.checks.load_state_dict_file(write(t, "c.pt", b"")), ValueError, ("checkpoint", "non-empty", "c.pt")),
+    ("checkpoint garbage", lambda t: pm.checks.load_state_dict_file(write(t, "c.pt", b"not a zip")), ValueError, ("checkpoint", "torch.save", "c.pt")),
+    ("checkpoint with code", lambda t: pm.checks.load_state_dict_file(saved(t, {"w": Opaque()})), ValueError, ("checkpoint", "tensors only", "obj.pt")),
+    ("checkpoint not a dict", lambda t: pm.checks.load_state_dict_file(saved(t, [torch.ones(2)])), ValueError, ("checkpoint", "state dict", "list")),
+    ("safetensors garbage", lambda t: pm.checks.load_state_dict_file(write(t, "c.safetensors", b"xx")), ValueError, ("checkpoint", "safetensors", "c.safetensors")),
+    ("name_layers of str", lambda t: pm.checks.name_layers("model"), TypeError, ("model", "nn.Module", "str")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "call", "error", "fragments"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named_and_nothing_else_escapes(name, call, error, fragments, tmp_path):
+    try:
+        call(tmp_path)
+    except (ValueError, TypeError) as err:
+        assert type(err) is error, f"{name}: expected {error.__name__}, got {err!r}"
+        for fragment in fragments:
+            assert fragment in str(err), f"{name}: message {str(err)!r} lacks {fragment!r}"
+    except Exception as err:
+        pytest.fail(f"{name}: {type(err).__name__} escaped instead of {error.__name__}: {err}")
+    else:
+        pytest.fail(f"{name}: no error raised")
+
+
+def test_table_is_large_and_unique():
+    ids = [case[0] for case in CASES]
+    assert len(ids) == len(set(ids))
+    assert len(CASES) >= 40

@@ -1,0 +1,641 @@
+"""Issue 5: routing schemes, balancing methods and telemetry, against naive references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import pytorch_mixtures as pm
+from naive import expert_fns
+from naive_routing import (
+    naive_expert_choice,
+    naive_noisy_losses,
+    naive_scheme_topk,
+    naive_sequence_balance,
+    naive_soft_moe,
+)
+from test_moe_layer import make_experts, run_and_grad
+
+DIM, EXPERTS, HIDDEN = 6, 4, 10
+
+
+def assert_same(got, want, grads_got, grads_want):
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- top-k schemes
+
+SCHEME_CASES = [
+    # kwargs for TopKRouter, experts, num_experts
+    (dict(top_k=2, score_func="sigmoid", expert_bias=True), "swiglu", 4),
+    (dict(top_k=2, score_func="softmax", expert_bias=True, normalize_weights=False), "mlp", 4),
+    (dict(top_k=2, score_func="sigmoid", num_groups=4, topk_groups=2), "mlp", 8),
+    (dict(top_k=3, score_func="softmax", num_groups=2, topk_groups=1), "swiglu", 8),
+    (
+        dict(
+            top_k=2,
+            score_func="sigmoid",
+            expert_bias=True,
+            num_groups=4,
+            topk_groups=2,
+            routed_scaling_factor=2.5,
+        ),
+        "list",
+        8,
+    ),
+    (
+        dict(top_k=1, score_func="softmax", normalize_weights=False, routed_scaling_factor=0.5),
+        "mlp",
+        4,
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "kind", "num_experts"), SCHEME_CASES)
+def test_topk_schemes_match_naive_reference(kwargs, kind, num_experts):
+    torch.manual_seed(len(kwargs) + num_experts)
+    router = pm.TopKRouter(DIM, num_experts, init_std=1.0, **kwargs)
+    if router.expert_bias is not None:
+        # a bias large enough to change choices, so "selection only" is exercised
+        router.expert_bias.copy_(torch.randn(num_experts) * 0.3)
+    moe = pm.MoELayer(DIM, router, make_experts(kind, num_experts)).double()
+    assert router.expert_bias is None or router.expert_bias.dtype == torch.float32
+    x = torch.randn(3, 5, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+    y, g = run_and_grad(moe, x, params)
+    fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+
+    def reference(inp):
+        out, _ = naive_scheme_topk(
+            inp.reshape(-1, DIM),
+            router.gate.weight,
+            fns,
+            router.top_k,
+            score_func=router.score_func,
+            normalize=router.normalize_weights,
+            bias_E=router.expert_bias,
+            num_groups=router.num_groups,
+            topk_groups=router.topk_groups,
+            group_score=router.group_score,
+            scaling=router.routed_scaling_factor,
+        )
+        return out.reshape(inp.shape)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+
+
+def test_bias_changes_selection_not_weights():
+    torch.manual_seed(0)
+    router = pm.TopKRouter(DIM, EXPERTS, 1, score_func="sigmoid", expert_bias=True).double()
+    x = torch.randn(20, DIM, dtype=torch.float64)
+    before = router(x)
+    router.expert_bias[2] = 10.0  # everyone now picks expert 2
+    after = router(x)
+    assert after.expert_ids.tolist() == [2] * 20
+    torch.testing.assert_close(after.probs, before.probs)  # the scores are unbiased
+    torch.testing.assert_close(after.weights, torch.ones(20, dtype=torch.float64))
+    unnorm = pm.TopKRouter(
+        DIM, EXPERTS, 1, score_func="sigmoid", expert_bias=True, normalize_weights=False
+    ).double()
+    unnorm.expert_bias[2] = 10.0
+    route = unnorm(x)
+    torch.testing.assert_close(route.weights, route.probs[:, 2])
+
+
+def test_group_limited_routing_stays_in_best_groups():
+    torch.manual_seed(1)
+    router = pm.TopKRouter(
+        DIM, 8, 2, score_func="sigmoid", num_groups=4, topk_groups=1, init_std=1.0
+    )
+    route = router(torch.randn(2, 16, DIM))
+    ids_NK = route.expert_ids.view(-1, 2)
+    assert torch.equal(ids_NK[:, 0] // 2, ids_NK[:, 1] // 2)  # both from one group of 2
+    assert router.group_score == "top2_sum"
+
+
+def test_noisy_gating_matches_naive_forward_and_backward():
+    torch.manual_seed(2)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, noisy_gating=True, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts("mlp")).double()
+    with torch.no_grad():
+        router.noise_gate.weight.normal_(0.0, 0.5)
+    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+    torch.manual_seed(7)
+    y, g = run_and_grad(moe, x, params)
+    torch.manual_seed(7)
+    noise = torch.randn(10, EXPERTS, dtype=torch.float64)  # the router's first random draw
+
+    def reference(inp):
+        out, _ = naive_scheme_topk(
+            inp.reshape(-1, DIM),
+            router.gate.weight,
+            expert_fns(moe.experts),
+            2,
+            noise_NE=noise,
+            noise_weight_ED=router.noise_gate.weight,
+        )
+        return out.reshape(inp.shape)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    assert router.noise_gate.weight.grad is not None
+    assert router.noise_gate.weight.grad.abs().sum() > 0  # the noise std is learned
+    moe.eval()
+    torch.testing.assert_close(moe(x), moe(x))  # no noise in eval
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_noisy_gating_losses_match_hand_computation(top_k):
+    torch.manual_seed(3 + top_k)
+    router = pm.TopKRouter(DIM, EXPERTS, top_k, noisy_gating=True, init_std=0.7).double()
+    with torch.no_grad():
+        router.noise_gate.weight.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, DIM, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(11)
+    route = router(x, mask)
+    torch.manual_seed(11)
+    noise = torch.randn(12, EXPERTS, dtype=torch.float64)
+    importance, load = naive_noisy_losses(
+        x.reshape(-1, DIM),
+        router.gate.weight,
+        router.noise_gate.weight,
+        noise,
+        top_k,
+        token_mask=mask.reshape(-1).tolist(),
+    )
+    torch.testing.assert_close(route.aux_losses["importance"], importance.float())
+    torch.testing.assert_close(route.aux_losses["load"], load.float())
+    assert float(load.detach()) > 0 and float(importance.detach()) > 0
+    # gradients of the load loss reach both the gate and the noise weights, as by hand
+    params = [router.gate.weight, router.noise_gate.weight]
+    got = torch.autograd.grad(route.aux_losses["load"], params)
+    want = torch.autograd.grad(load, params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    expected = (
+        0.01 * route.aux_losses["load_balancing"]
+        + 0.001 * route.aux_losses["router_z"]
+        + 0.01 * route.aux_losses["importance"]
+        + 0.01 * route.aux_losses["load"]
+    )
+    torch.testing.assert_close(route.aux_loss, expected)
+
+
+def test_cv_squared_by_hand():
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population variance 3.5
+    torch.testing.assert_close(pm.balancing.cv_squared(values), torch.tensor(3.5 / 9.0))
+    assert float(pm.balancing.cv_squared(torch.full((5,), 2.0))) == 0.0
+
+
+def test_sequence_balance_loss_matches_naive_with_padding():
+    torch.manual_seed(4)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, balance="sequence", init_std=1.0).double()
+    x = torch.randn(3, 5, DIM, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    route = router(x, mask)
+    chosen = route.expert_ids.view(3, 5, 2).tolist()
+    probs = (x @ router.gate.weight.T).softmax(-1)  # computed apart from the router
+    want = naive_sequence_balance(probs, chosen, mask)
+    torch.testing.assert_close(route.aux_losses["load_balancing"], want.float())
+    (g_got,) = torch.autograd.grad(route.aux_losses["load_balancing"], [router.gate.weight])
+    (g_want,) = torch.autograd.grad(want, [router.gate.weight])
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    # one sequence: the batch and sequence forms agree
+    batch_router = pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0).double()
+    batch_router.load_state_dict(router.state_dict())
+    torch.testing.assert_close(
+        router(x[1:2]).aux_losses["load_balancing"],
+        batch_router(x[1:2]).aux_losses["load_balancing"],
+    )
+
+
+ROUTER_FACTORIES = {
+    "batch": lambda: pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0),
+    "sequence": lambda: pm.TopKRouter(DIM, EXPERTS, 2, balance="sequence", init_std=1.0),
+    "sigmoid_bias_groups": lambda: pm.TopKRouter(
+        DIM, EXPERTS, 2, score_func="sigmoid", expert_bias=True, num_groups=2, init_std=1.0
+    ),
+    "noisy": lambda: pm.TopKRouter(DIM, EXPERTS, 2, noisy_gating=True, init_std=1.0),
+    "expert_choice": lambda: pm.ExpertChoiceRouter(DIM, EXPERTS, z_loss_coef=0.1, init_std=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_FACTORIES))
+def test_padding_excluded_from_every_loss(name):
+    torch.manual_seed(5)
+    router = ROUTER_FACTORIES[name]()
+    x = torch.randn(2, 6, DIM)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    garbage = x.clone()
+    garbage[mask == 0] = 50.0 * torch.randn(int((mask == 0).sum()), DIM)
+    torch.manual_seed(0)
+    a = router(x, mask)
+    torch.manual_seed(0)
+    b = router(garbage, mask)
+    assert a.aux_losses.keys() == b.aux_losses.keys()
+    for key in a.aux_losses:
+        torch.testing.assert_close(a.aux_losses[key], b.aux_losses[key], msg=key)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+
+
+# --------------------------------------------------------------------------- bias balancing
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls in long Python loops: threads only add contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def skewed_router(seed: int = 0) -> tuple[pm.TopKRouter, torch.Tensor]:
+    """A sigmoid router whose gate favours experts 0 and 1 for inputs along ``direction``."""
+    torch.manual_seed(seed)
+    router = pm.TopKRouter(16, 8, 2, score_func="sigmoid", expert_bias=True)
+    direction = torch.randn(16)
+    direction /= direction.norm()
+    with torch.no_grad():
+        router.gate.weight.normal_(0.0, 0.2)
+        router.gate.weight[:2] += 2.0 * direction
+    return router, direction
+
+
+def test_bias_balancing_fixes_a_skewed_router(one_thread):
+    router, direction = skewed_router()
+    router.train()
+    held_out = torch.randn(2048, 16, generator=torch.Generator().manual_seed(1)) + direction
+
+    def imbalance() -> float:
+        loads = torch.bincount(router(held_out).expert_ids, minlength=8).float()
+        router.update_expert_bias(0.0)  # measuring must not feed the bias
+        return float(loads.max() / loads.mean())
+
+    start = imbalance()
+    assert start > 2.5, start
+    history = []
+    with torch.no_grad():
+        for step in range(300):
+            router(torch.randn(512, 16) + direction)  # fresh random data every step
+            pm.update_expert_bias(router, rate=1e-3)  # DeepSeek-V3's rate
+            if step % 50 == 49:
+                history.append(imbalance())
+    assert history[-1] < 1.2, (start, history)
+    assert router.expert_bias[:2].max() < router.expert_bias[2:].min()
+    assert router.gate.weight.grad is None  # no aux loss involved
+
+
+def test_bias_counts_once_per_real_forward_with_checkpointing_and_accumulation(one_thread):
+    router, direction = skewed_router(1)
+    x = torch.randn(4, 16, 16) + direction
+    moe = pm.MoELayer(16, router, pm.MLPExperts(8, 16, 8)).train()
+    micro = [x[:2], x[2:]]
+    expected = sum(torch.bincount(router(m).expert_ids, minlength=8) for m in micro)
+    router.update_expert_bias(0.0)
+    for reentrant in (False, True):
+        for m in micro:  # gradient accumulation over two micro-batches, checkpointed
+            inp = m.clone().requires_grad_(True)
+            checkpoint(moe, inp, use_reentrant=reentrant).sum().backward()
+        assert torch.equal(router.pending_loads, expected), reentrant
+        loads = pm.update_expert_bias(moe, rate=0.0)["router"]  # keep routing fixed
+        assert torch.equal(loads, expected)
+        assert router.pending_loads is None
+    moe.eval()
+    moe(x)
+    assert router.pending_loads is None  # eval forwards do not count
+
+
+def test_bias_update_all_reduces_loads_across_ranks(monkeypatch):
+    """Under torch.distributed the update must use the loads summed over ranks.
+
+    The collective is stood in for by a function adding another rank's counts (a spawned
+    2-rank gloo run costs more than this file's time budget on a shared 2-core machine).
+    """
+    router = pm.TopKRouter(8, 4, 2, score_func="sigmoid", expert_bias=True)
+    router(torch.randn(3, 16, 8))
+    local = router.pending_loads.clone()
+    other_rank = torch.tensor([40, 0, 0, 0])
+    calls = []
+
+    def fake_all_reduce(tensor, group=None):
+        calls.append(group)
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    loads = pm.update_expert_bias(router, rate=1e-2, group="the-group")[""]
+    total = local + other_rank
+    assert calls == ["the-group"] and torch.equal(loads, total)
+    expected = 1e-2 * torch.sign(total.float().mean() - total.float())
+    torch.testing.assert_close(router.expert_bias, expected)
+    router(torch.randn(3, 16, 8))
+    pm.update_expert_bias(router, rate=1e-2, all_reduce=False)
+    assert len(calls) == 1
+
+
+def test_padding_not_counted_by_bias():
+    router, direction = skewed_router(2)
+    x = torch.randn(4, 64, 16) + direction
+    mask = torch.zeros(4, 64, dtype=torch.long)
+    mask[:, :10] = 1
+    route = router(x, mask)
+    want = torch.bincount(route.expert_ids.view(4, 64, 2)[:, :10].reshape(-1), minlength=8)
+    assert torch.equal(router.pending_loads, want)
+
+
+def test_bias_is_float32_buffer_in_state_dict():
+    router = pm.TopKRouter(DIM, EXPERTS, 2, expert_bias=True)
+    router.expert_bias.copy_(torch.tensor([1e-3, -2e-3, 3e-3, 1.0 + 1e-3]))
+    saved = router.expert_bias.clone()
+    assert "expert_bias" in router.state_dict()
+    router.to(torch.bfloat16)
+    assert router.expert_bias.dtype == torch.float32
+    assert torch.equal(router.expert_bias, saved)
+    assert router.gate.weight.dtype == torch.bfloat16
+    other = pm.TopKRouter(DIM, EXPERTS, 2, expert_bias=True)
+    other.load_state_dict(router.float().state_dict())
+    assert torch.equal(other.expert_bias, saved)
+    with pytest.raises(ValueError, match="model: contains no"):
+        pm.update_expert_bias(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="expert_bias=False"):
+        pm.TopKRouter(DIM, EXPERTS).update_expert_bias()
+
+
+def test_scheme_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_groups"):
+        pm.TopKRouter(DIM, 6, 2, num_groups=4)
+    with pytest.raises(ValueError, match="topk_groups"):
+        pm.TopKRouter(DIM, 8, 3, num_groups=4, topk_groups=1)
+    with pytest.raises(ValueError, match="balance"):
+        pm.TopKRouter(DIM, 8, 2, balance="global")
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        pm.TopKRouter(DIM, 8, 2, routed_scaling_factor=0.0)
+    with pytest.raises(ValueError, match="group_score"):
+        pm.TopKRouter(DIM, 8, 2, num_groups=2, group_score="mean")
+    with pytest.raises(ValueError, match="noisy_gating"):
+        pm.TopKRouter(DIM, 8, 2, noisy_gating=True, expert_bias=True)
+
+
+# --------------------------------------------------------------------------- expert choice
+
+
+@pytest.mark.parametrize(("capacity", "expected_c"), [(3, 3), (0.25, 2), (20, 8)])
+def test_expert_choice_capacity_count_or_fraction(capacity, expected_c):
+    torch.manual_seed(6)
+    router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity=capacity, init_std=1.0)
+    assert router.capacity(8) == expected_c
+    moe = pm.MoELayer(DIM, router, make_experts("mlp")).double()
+    x = torch.randn(2, 8, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+    y, g = run_and_grad(moe, x, params)
+    fns = expert_fns(moe.experts)
+    y_ref, g_ref = run_and_grad(
+        lambda inp: naive_expert_choice(inp, router.gate.weight, fns, expected_c), x, params
+    )
+    assert_same(y, y_ref, g, g_ref)
+    assert moe.stats.tokens_per_expert.tolist() == [2 * expected_c] * EXPERTS
+    assert int(moe.stats.requested_slots) == 2 * expected_c * EXPERTS
+    torch.testing.assert_close(moe.stats.utilisation, torch.ones(EXPERTS))
+
+
+def test_expert_choice_capacity_with_padding_stats():
+    torch.manual_seed(7)
+    router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity=4, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts("mlp"))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    moe(torch.randn(2, 6, DIM), mask)
+    # sequence 0 has 3 real tokens: each expert keeps 3 there, and 4 in sequence 1
+    assert moe.stats.tokens_per_expert.tolist() == [7] * EXPERTS
+    assert int(moe.stats.requested_slots) == 7 * EXPERTS
+
+
+def test_expert_choice_capacity_arguments():
+    with pytest.raises(ValueError, match="not both"):
+        pm.ExpertChoiceRouter(DIM, EXPERTS, 2.0, capacity=3)
+    with pytest.raises(ValueError, match="fraction"):
+        pm.ExpertChoiceRouter(DIM, EXPERTS, capacity=1.5)
+    with pytest.raises(TypeError, match="capacity"):
+        pm.ExpertChoiceRouter(DIM, EXPERTS, capacity="3")
+    router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity=3)
+    pm.MoELayer(DIM, router, make_experts("mlp"), capacity_factor=2.0)
+    assert router.capacity(8) == 4  # the layer's factor replaces the count
+
+
+# --------------------------------------------------------------------------- hash, uniform
+
+
+def test_hash_router_matches_naive_table_lookup():
+    torch.manual_seed(8)
+    vocab = 50
+    router = pm.HashRouter(DIM, EXPERTS, vocab, seed=3)
+    assert torch.equal(router.hash_table, pm.HashRouter(DIM, EXPERTS, vocab, seed=3).hash_table)
+    assert "hash_table" in router.state_dict() and not list(router.parameters())
+    moe = pm.MoELayer(DIM, router, make_experts("swiglu")).double()
+    x = torch.randn(2, 7, DIM, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(vocab, (2, 7))
+    params = list(moe.parameters())
+    y, g = run_and_grad(lambda inp: moe(inp, token_ids=ids), x, params)
+    fns = expert_fns(moe.experts)
+    table = router.hash_table.tolist()
+
+    def reference(inp):
+        rows = [
+            fns[table[int(v)]](row)
+            for v, row in zip(ids.reshape(-1), inp.reshape(-1, DIM), strict=True)
+        ]
+        return torch.stack(rows).reshape(inp.shape)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    assert int(moe.stats.tokens_per_expert.sum()) == 14
+    assert float(moe.stats.router_entropy) == 0.0 and float(moe.stats.top1_confidence) == 1.0
+    with pytest.raises(ValueError, match="token_ids"):
+        moe(x)
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        moe(x, token_ids=ids + vocab)
+    with pytest.raises(ValueError, match="token_ids: expected shape"):
+        moe(x, token_ids=ids[:, :3])
+
+
+def test_token_ids_ignored_by_other_routers():
+    moe = pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"))
+    x = torch.randn(2, 3, DIM)
+    torch.testing.assert_close(moe(x, token_ids=torch.zeros(2, 3, dtype=torch.long)), moe(x))
+
+
+def test_uniform_router_round_robin_is_exactly_balanced():
+    router = pm.UniformRouter(DIM, EXPERTS, 2, mode="round_robin")
+    moe = pm.MoELayer(DIM, router, make_experts("mlp")).double()
+    x = torch.randn(2, 6, DIM, dtype=torch.float64)
+    y = moe(x)
+    assert moe.stats.tokens_per_expert.tolist() == [6] * EXPERTS
+    assert float(moe.stats.load_imbalance) == 1.0
+    fns = expert_fns(moe.experts)
+    rows = [
+        0.5 * (fns[(2 * n) % EXPERTS](v) + fns[(2 * n + 1) % EXPERTS](v))
+        for n, v in enumerate(x.reshape(-1, DIM))
+    ]
+    torch.testing.assert_close(y, torch.stack(rows).reshape(x.shape))
+    torch.testing.assert_close(moe.stats.router_entropy, torch.tensor(math.log(EXPERTS)))
+
+
+def test_uniform_router_random_picks_distinct_experts_with_balanced_loads():
+    torch.manual_seed(9)
+    router = pm.UniformRouter(DIM, 8, 3)
+    route = router(torch.randn(4, 500, DIM))
+    ids_NK = route.expert_ids.view(-1, 3)
+    assert all(len(set(row)) == 3 for row in ids_NK.tolist())
+    loads = torch.bincount(route.expert_ids, minlength=8).float()
+    # 6000 slots over 8 experts: expected 750 each, std ~ 25
+    assert float(loads.max() / loads.mean()) < 1.15
+    assert torch.equal(route.weights, torch.full((6000,), 1 / 3))
+    assert not torch.equal(router(torch.randn(4, 500, DIM)).expert_ids, route.expert_ids)
+
+
+# --------------------------------------------------------------------------- shared experts
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_exactly_added(gated):
+    torch.manual_seed(10)
+    shared = nn.Sequential(nn.Linear(DIM, 12), nn.GELU(), nn.Linear(12, DIM))
+    router = pm.TopKRouter(DIM, EXPERTS, 2)
+    experts = make_experts("swiglu")
+    moe = pm.MoELayer(DIM, router, experts, shared_experts=shared, shared_expert_gate=gated)
+    plain = pm.MoELayer(DIM, router, experts)
+    moe, plain = moe.double(), plain.double()
+    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    params = list(moe.parameters())
+    y, g = run_and_grad(lambda inp: moe(inp, mask), x, params)
+
+    def reference(inp):
+        out = shared(inp)
+        if gated:
+            out = torch.sigmoid(inp @ moe.shared_expert_gate.weight.T) * out
+        return plain(inp, mask) + out * mask.unsqueeze(-1)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    assert (moe.shared_expert_gate is not None) == gated
+    with pytest.raises(ValueError, match="shared_expert_gate"):
+        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), shared_expert_gate=True)
+
+
+# --------------------------------------------------------------------------- Soft MoE
+
+
+@pytest.mark.parametrize(("normalize", "kind"), [(True, "mlp"), (False, "list")])
+def test_soft_moe_matches_naive_reference(normalize, kind):
+    torch.manual_seed(11)
+    layer = pm.SoftMoE(DIM, EXPERTS, 2, make_experts(kind), normalize=normalize).double()
+    if normalize:
+        with torch.no_grad():
+            layer.scale.fill_(3.0)
+    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+    y, g = run_and_grad(layer, x, params)
+    fns = expert_fns(layer.experts if kind != "list" else layer.experts.experts)
+    y_ref, g_ref = run_and_grad(
+        lambda inp: naive_soft_moe(inp, layer.phi, fns, 2, layer.scale), x, params
+    )
+    assert_same(y, y_ref, g, g_ref)
+    assert float(pm.aux_loss(layer)) == 0.0
+
+
+def test_soft_moe_softmax_axes_and_permutation_equivariance():
+    torch.manual_seed(12)
+    layer = pm.SoftMoE(DIM, EXPERTS, 3, make_experts("swiglu")).double()
+    x = torch.randn(2, 7, DIM, dtype=torch.float64)
+    dispatch, combine = layer.routing_weights(x)
+    assert dispatch.shape == combine.shape == (2, 7, EXPERTS * 3)
+    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(2, EXPERTS * 3, dtype=torch.float64))
+    torch.testing.assert_close(combine.sum(dim=2), torch.ones(2, 7, dtype=torch.float64))
+    perm = torch.randperm(7)
+    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])
+    assert not layer.is_causal
+
+
+def test_soft_moe_padding_gets_no_dispatch_weight():
+    torch.manual_seed(13)
+    layer = pm.SoftMoE(DIM, EXPERTS, 2, make_experts("mlp"))
+    x = torch.randn(2, 6, DIM)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    dispatch, _ = layer.routing_weights(x, mask)
+    assert torch.equal(dispatch[0, 4:], torch.zeros(2, EXPERTS * 2))
+    y = layer(x, mask)
+    assert torch.isfinite(y).all() and torch.equal(y[mask == 0], torch.zeros(8, DIM))
+    torch.testing.assert_close(y[0, :4], layer(x[:1, :4])[0])
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def test_stats_consistent_dropless_and_with_drops():
+    torch.manual_seed(14)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts("mlp"))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    moe(torch.randn(2, 6, DIM), mask)
+    stats = moe.stats
+    assert int(stats.tokens_per_expert.sum()) == 11 * 2  # tokens * top_k
+    torch.testing.assert_close(stats.utilisation.mean(), torch.tensor(1.0))
+    assert int(stats.dead_experts) == int((stats.tokens_per_expert == 0).sum())
+    # entropy and confidence against a direct computation on the same routing
+    x = torch.randn(3, 4, DIM)
+    moe(x)
+    probs = router(x).probs
+    torch.testing.assert_close(moe.stats.router_entropy, -(probs * probs.log()).sum(-1).mean())
+    torch.testing.assert_close(moe.stats.top1_confidence, probs.max(-1).values.mean())
+    sigmoid = pm.MoELayer(
+        DIM, pm.TopKRouter(DIM, EXPERTS, 2, score_func="sigmoid"), make_experts("mlp")
+    )
+    sigmoid(x, torch.ones(3, 4))
+    probs = sigmoid.router(x).probs
+    probs = probs / probs.sum(-1, keepdim=True)
+    torch.testing.assert_close(sigmoid.stats.router_entropy, -(probs * probs.log()).sum(-1).mean())
+    capped = pm.MoELayer(
+        DIM, pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=0.5, init_std=2.0), make_experts("mlp")
+    )
+    capped(torch.randn(2, 8, DIM))
+    s = capped.stats
+    assert int(s.tokens_per_expert.sum()) + int(s.dropped_slots) == 32
+    torch.testing.assert_close(s.utilisation.sum(), s.tokens_per_expert.sum() / 8.0)
+
+
+def test_routing_stats_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(15)
+    model = nn.Sequential(
+        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS, 2), make_experts("mlp")),
+        nn.Linear(DIM, DIM),
+        pm.MoELayer(DIM, pm.ExpertChoiceRouter(DIM, EXPERTS), make_experts("mlp")),
+        pm.SoftMoE(DIM, EXPERTS, 1, make_experts("mlp")),
+    )
+    assert pm.routing_stats(model) == {}
+    history = []
+    for _ in range(5):
+        model(torch.randn(2, 8, DIM))
+        history.append(pm.routing_stats(model))
+    table = history[-1]
+    assert list(table) == ["0", "2"]
+    row = table["0"]
+    assert row["tokens_per_expert"] == model[0].stats.tokens_per_expert.tolist()
+    assert sum(row["tokens_per_expert"]) == 16 * 2 and row["num_tokens"] == 16
+    assert isinstance(row["router_entropy"], float) and isinstance(row["dead_experts"], int)
+    assert row["load_imbalance"] == pytest.approx(float(model[0].stats.load_imbalance))
+    path = pm.plot_expert_load(history, tmp_path / "load.png", title="loads")
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="history"):
+        pm.plot_expert_load([], tmp_path / "x.png")
