@@ -17,8 +17,10 @@ from .train import TrainConfig, build_model, train
 
 __all__ = ["main"]
 
-# Defaults measured so that `make demo` (four models) finishes in under 5 minutes on 2 cores.
-DEMO_STEPS = 150
+# `make demo` trains four models. Dense took about 0.55 s per step on an idle 2-core machine and
+# MoE about 1.5x that (MoD and MoDE less): 150 steps of all four would pass 5 minutes, 100 steps
+# should take about 4 (an estimate: the shared machine was too busy to time a full run).
+DEMO_STEPS = 100
 
 
 def _add_common(parser: argparse.ArgumentParser, steps: int) -> None:
