@@ -306,6 +306,10 @@ class TransformerLM(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, SwiGLUExperts):
+            # the same init as the dense FFN they replace, so dense vs MoE compares like for like
+            for weight in module.parameters():
+                nn.init.normal_(weight, mean=0.0, std=0.02)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
