@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import grouped_mm_available
+from .models.transformer import SwiGLU
 
 __all__ = [
     "CONFIGS",
@@ -99,20 +100,6 @@ class BenchResult:
     memory_ratio: dict[str, float] = field(default_factory=dict)
     memory_mib: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-class SwiGLU(nn.Module):
-    """A dense SwiGLU FFN ``(silu(x W_g) * x W_u) W_d``: ``[n, D] -> [n, D]``."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        out: Tensor = self.down(F.silu(gate) * up)
-        return out
 
 
 class NaiveMaskedLoopMoE(nn.Module):

@@ -15,7 +15,6 @@ V vocabulary size.
 
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 from typing import Literal
 
@@ -29,7 +28,7 @@ from .routing import (
     TopKRouter,
     _check_capacity_factor,
     _check_positive_int,
-    capacity_keep_mask,
+    token_choice_keep,
 )
 
 __all__ = ["HashRouter", "UniformRouter", "update_expert_bias"]
@@ -48,17 +47,7 @@ def _token_choice_output(
     """A token-major :class:`RouterOutput` with GShard capacity (as ``TopKRouter``'s)."""
     num_tokens, top_k = expert_ids_NK.shape
     num_experts = probs_NE.shape[-1]
-    kept_NK = torch.ones_like(expert_ids_NK, dtype=torch.bool)
-    if mask_N is not None:
-        kept_NK = kept_NK & mask_N.unsqueeze(-1)
-    capacity: Tensor | int | None = None
-    if capacity_factor is not None:
-        if mask_N is None:
-            capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
-        else:
-            capacity = torch.ceil(capacity_factor * mask_N.sum() * top_k / num_experts).long()
-        prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
-        kept_NK = capacity_keep_mask(prio_ids_KN, capacity, num_experts).T
+    kept_NK, capacity = token_choice_keep(expert_ids_NK, mask_N, capacity_factor, num_experts)
     token_ids_S = torch.arange(num_tokens, device=x_BTD.device).repeat_interleave(top_k)
     return RouterOutput(
         logits=probs_NE,

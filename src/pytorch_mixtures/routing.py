@@ -42,6 +42,7 @@ __all__ = [
     "TopKRouter",
     "TopkRouter",
     "capacity_keep_mask",
+    "token_choice_keep",
 ]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -154,6 +155,37 @@ def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_expert
     rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
     keep_S = (rank_S < capacity) & (ids_S < num_experts)
     return keep_S.reshape(expert_ids_KN.shape)
+
+
+def token_choice_keep(
+    expert_ids_NK: Tensor, mask_N: Tensor | None, capacity_factor: float | None, num_experts: int
+) -> tuple[Tensor, Tensor | int | None]:
+    """Which token-choice slots are kept: padding never, overflow past GShard capacity not.
+
+    Args:
+        expert_ids_NK: ``[N, K]`` int64 chosen experts (k-th column = k-th choice).
+        mask_N: ``[N]`` bool, False for padding, or None.
+        capacity_factor: None (dropless) or ``cf``: capacity ``ceil(cf * real_tokens * K / E)``.
+        num_experts: E.
+
+    Returns:
+        ``kept_NK`` ``[N, K]`` bool, and the capacity (an int, a 0-dim int64 tensor when it
+        depends on the mask, or None when dropless).
+    """
+    num_tokens, top_k = expert_ids_NK.shape
+    kept_NK = torch.ones_like(expert_ids_NK, dtype=torch.bool)
+    if mask_N is not None:
+        kept_NK = kept_NK & mask_N.unsqueeze(-1)
+    if capacity_factor is None:
+        return kept_NK, None
+    capacity: Tensor | int
+    if mask_N is None:
+        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    else:
+        capacity = torch.ceil(capacity_factor * mask_N.sum() * top_k / num_experts).long()
+    # padding slots take no capacity: give them the sentinel expert E
+    prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
+    return capacity_keep_mask(prio_ids_KN, capacity, num_experts).T, capacity
 
 
 class Router(nn.Module):
@@ -555,20 +587,9 @@ class TopKRouter(Router):
         if self.expert_bias is not None and self.training and not _in_autograd_backward():
             self._count_loads(expert_ids_NK, mask_N)
 
-        kept_NK = torch.ones_like(expert_ids_NK, dtype=torch.bool)
-        if mask_N is not None:
-            kept_NK = kept_NK & mask_N.unsqueeze(-1)
-        capacity: Tensor | int | None = None
-        if self.capacity_factor is not None:
-            real_tokens: Tensor | int = num_tokens if mask_N is None else mask_N.sum()
-            if isinstance(real_tokens, int):
-                capacity = math.ceil(self.capacity_factor * real_tokens * top_k / num_experts)
-            else:
-                capacity = torch.ceil(self.capacity_factor * real_tokens * top_k / num_experts)
-                capacity = capacity.long()
-            # padding slots take no capacity: give them the sentinel expert E
-            prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
-            kept_NK = capacity_keep_mask(prio_ids_KN, capacity, num_experts).T
+        kept_NK, capacity = token_choice_keep(
+            expert_ids_NK, mask_N, self.capacity_factor, num_experts
+        )
 
         if self.balance == "batch":
             balance_loss = balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N)
