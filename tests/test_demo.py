@@ -92,6 +92,16 @@ def test_bad_data_file_errors(tmp_path: Path, capsys):
             main(["train", "--model", "dense", "--out", str(tmp_path / "o"), "--data", str(path)])
 
 
+def test_out_must_be_a_folder(tmp_path: Path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for command in (["train", "--model", "dense"], ["demo"]):
+        with pytest.raises(SystemExit, match="--out: expected a folder"):
+            main([*command, "--out", str(a_file), "--steps", "1"])
+    with pytest.raises(SystemExit, match="expected a checkpoint"):
+        main(["train", "--model", "dense", "--out", str(tmp_path / "none"), "--resume"])
+
+
 # --- schedule, FLOPs, evaluation -------------------------------------------------------------
 
 

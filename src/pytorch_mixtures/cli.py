@@ -88,7 +88,14 @@ def _corpus(args: argparse.Namespace) -> Corpus:
         raise SystemExit(f"pytorch-mixtures: error: --{error}") from None
 
 
+def _check_out_dir(out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet): say so before any training."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"pytorch-mixtures: error: --out: expected a folder, got the file '{out}'")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
     schedule, size = _configs(args)
     corpus = _corpus(args)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -114,6 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
     schedule, size = _configs(args)
     corpus = _corpus(args)
     try:
