@@ -77,9 +77,8 @@ def combine(y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan) -> Ten
 
     Dropped slots contribute exactly zero: their weight is zeroed (``torch.where``) and their
     rows, which experts treat as padding, are zero by the experts' contract. Token-major
-    routings (top-k) are summed as one batched ``[N, 1, K] @ [N, K, D]`` product (one pass
-    instead of weight, mask and sum passes; deterministic on every device); others use
-    ``index_add_`` (deterministic on CPU).
+    routings (top-k) are summed over a ``[N, K, D]`` view (deterministic on every device);
+    others use ``index_add_`` (deterministic on CPU).
     """
     num_tokens, dim = route.num_tokens, y_sorted_SD.shape[-1]
     y_SD = torch.empty_like(y_sorted_SD)
@@ -87,7 +86,8 @@ def combine(y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan) -> Ten
     weights_S = torch.where(route.kept, route.weights.to(y_SD.dtype), 0.0)
     k = route.slots_per_token
     if k is not None:
-        weights_N1K = weights_S.view(num_tokens, 1, k)
-        return torch.bmm(weights_N1K, y_SD.view(num_tokens, k, dim)).squeeze(1)
+        # multiply-and-sum, not a [N,1,K] @ [N,K,D] bmm: CPU bmm's backward loops per token
+        weights_NK1 = weights_S.view(num_tokens, k, 1)
+        return (y_SD.view(num_tokens, k, dim) * weights_NK1).sum(dim=1)
     out_ND = y_SD.new_zeros(num_tokens, dim)
     return out_ND.index_add_(0, route.token_ids, y_SD * weights_S.unsqueeze(-1))
