@@ -15,7 +15,6 @@ V vocabulary size.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -29,6 +28,7 @@ from .routing import (
     _check_capacity_factor,
     _check_positive_int,
     token_choice_keep,
+    token_major_output,
 )
 
 __all__ = ["HashRouter", "UniformRouter", "update_expert_bias"]
@@ -45,22 +45,11 @@ def _token_choice_output(
     capacity_factor: float | None,
 ) -> RouterOutput:
     """A token-major :class:`RouterOutput` with GShard capacity (as ``TopKRouter``'s)."""
-    num_tokens, top_k = expert_ids_NK.shape
     num_experts = probs_NE.shape[-1]
     kept_NK, capacity = token_choice_keep(expert_ids_NK, mask_N, capacity_factor, num_experts)
-    token_ids_S = torch.arange(num_tokens, device=x_BTD.device).repeat_interleave(top_k)
-    return RouterOutput(
-        logits=probs_NE,
-        probs=probs_NE,
-        token_ids=token_ids_S,
-        expert_ids=expert_ids_NK.reshape(-1),
-        weights=weights_NK.reshape(-1),
-        kept=kept_NK.reshape(-1),
-        token_mask=mask_N,
-        slots_per_token=top_k,
-        capacity=capacity,
-        aux_losses=MappingProxyType({}),
-        aux_loss=torch.zeros((), device=x_BTD.device),
+    zero = torch.zeros((), device=x_BTD.device)
+    return token_major_output(
+        probs_NE, probs_NE, expert_ids_NK, weights_NK, kept_NK, mask_N, capacity, {}, zero
     )
 
 

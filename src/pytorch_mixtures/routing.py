@@ -43,6 +43,7 @@ __all__ = [
     "TopkRouter",
     "capacity_keep_mask",
     "token_choice_keep",
+    "token_major_output",
 ]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -186,6 +187,35 @@ def token_choice_keep(
     # padding slots take no capacity: give them the sentinel expert E
     prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
     return capacity_keep_mask(prio_ids_KN, capacity, num_experts).T, capacity
+
+
+def token_major_output(
+    logits_NE: Tensor,
+    probs_NE: Tensor,
+    expert_ids_NK: Tensor,
+    weights_NK: Tensor,
+    kept_NK: Tensor,
+    mask_N: Tensor | None,
+    capacity: Tensor | int | None,
+    aux_losses: dict[str, Tensor],
+    aux_loss: Tensor,
+) -> RouterOutput:
+    """The :class:`RouterOutput` of a token-choice routing: slot ``n*K + k`` is token n's k-th."""
+    num_tokens, top_k = expert_ids_NK.shape
+    token_ids_S = torch.arange(num_tokens, device=expert_ids_NK.device).repeat_interleave(top_k)
+    return RouterOutput(
+        logits=logits_NE,
+        probs=probs_NE,
+        token_ids=token_ids_S,
+        expert_ids=expert_ids_NK.reshape(-1),
+        weights=weights_NK.reshape(-1),
+        kept=kept_NK.reshape(-1),
+        token_mask=mask_N,
+        slots_per_token=top_k,
+        capacity=capacity,
+        aux_losses=MappingProxyType(aux_losses),
+        aux_loss=aux_loss,
+    )
 
 
 class Router(nn.Module):
@@ -541,7 +571,7 @@ class TopKRouter(Router):
         """Route ``x`` ``[B, T, D]`` or ``[N, D]``; ``attention_mask`` ``[B, T]`` (1 = real)."""
         x_BTD, mask_BT = self._check_input(x, attention_mask)
         x_ND = x_BTD.reshape(-1, self.dim)
-        num_tokens, num_experts, top_k = x_ND.shape[0], self.num_experts, self.top_k
+        num_experts, top_k = self.num_experts, self.top_k
         mask_N = None if mask_BT is None else mask_BT.reshape(-1)
 
         if self.training and self.jitter_noise > 0:
@@ -624,19 +654,16 @@ class TopKRouter(Router):
                 + self.importance_loss_coef * aux_losses["importance"]
                 + self.load_loss_coef * aux_losses["load"]
             )
-        token_ids_S = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
-        return RouterOutput(
-            logits=logits_NE,
-            probs=probs_NE,
-            token_ids=token_ids_S,
-            expert_ids=expert_ids_NK.reshape(-1),
-            weights=weights_NK.reshape(-1),
-            kept=kept_NK.reshape(-1),
-            token_mask=mask_N,
-            slots_per_token=top_k,
-            capacity=capacity,
-            aux_losses=MappingProxyType(aux_losses),
-            aux_loss=weighted,
+        return token_major_output(
+            logits_NE,
+            probs_NE,
+            expert_ids_NK,
+            weights_NK,
+            kept_NK,
+            mask_N,
+            capacity,
+            aux_losses,
+            weighted,
         )
 
     def extra_repr(self) -> str:
