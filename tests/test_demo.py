@@ -28,13 +28,7 @@ TINY += ["--num-experts", "4", "--batch-size", "2", "--seq-len", "16", "--eval-b
 TINY += ["--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny models gain nothing from two, and lose a lot on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

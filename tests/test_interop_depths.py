@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_models
 import pytorch_mixtures as pm
 
 transformers = pytest.importorskip("transformers")
@@ -16,18 +17,7 @@ VOCAB, LAYERS = 53, 4
 
 
 def tiny_llama(attn: str = "sdpa") -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    config._attn_implementation = attn
-    return transformers.LlamaForCausalLM(config).eval()
+    return hf_models.tiny_llama(VOCAB, num_layers=LAYERS, attn=attn)
 
 
 def tokens(batch: int, seq: int, seed: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import hf_models
 import pytorch_mixtures as pm
 
 transformers = pytest.importorskip("transformers")
@@ -17,17 +18,7 @@ VOCAB, LAYERS = 61, 4
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return hf_models.tiny_llama(VOCAB, num_layers=LAYERS, seed=seed)
 
 
 def tokens(batch: int = 3, seq: int = 10, seed: int = 0) -> torch.Tensor:

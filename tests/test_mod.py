@@ -20,13 +20,7 @@ from pytorch_mixtures.models import Block, ModelConfig
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attention_block(dim: int = DIM, layer: int = 0) -> Block:

@@ -13,14 +13,7 @@ import pytorch_mixtures as pm
 from naive import expert_fns, naive_topk_moe
 from pytorch_mixtures.models import ModelConfig, TransformerLM
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str, **kwargs) -> TransformerLM:

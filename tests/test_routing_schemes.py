@@ -250,15 +250,6 @@ def test_padding_excluded_from_every_loss(name):
 # --------------------------------------------------------------------------- bias balancing
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls in long Python loops: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def skewed_router(seed: int = 0) -> tuple[pm.TopKRouter, torch.Tensor]:
     """A sigmoid router whose gate favours experts 0 and 1 for inputs along ``direction``."""
     torch.manual_seed(seed)
