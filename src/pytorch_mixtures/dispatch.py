@@ -69,25 +69,30 @@ def permute(x_ND: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:
 
     Rows past ``plan.num_kept`` belong to dropped slots; experts must ignore them.
     """
-    return x_ND[route.token_ids[plan.order]]
+    # index_select, not x[idx]: the same gather, measurably faster on CPU
+    return x_ND.index_select(0, route.token_ids[plan.order])
 
 
 def combine(y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:
     """Un-permute expert outputs and sum each token's weighted slots: ``[S, D] -> [N, D]``.
 
     Dropped slots contribute exactly zero: their weight is zeroed (``torch.where``) and their
-    rows, which experts treat as padding, are zero by the experts' contract. Token-major
-    routings (top-k) are summed over a ``[N, K, D]`` view (deterministic on every device);
-    others use ``index_add_`` (deterministic on CPU).
+    rows, which experts treat as padding, are zero by the experts' contract.
+
+    On CPU the weighted sorted rows are added straight into their tokens with ``index_add_``
+    (deterministic there, and several times faster than un-permuting ``[S, D]`` first: random
+    row gathers over S rows miss the cache, adds into N rows do not). Elsewhere token-major
+    routings (top-k) are un-permuted and summed over a ``[N, K, D]`` view, which is
+    deterministic on every device; other routings use ``index_add_``.
     """
     num_tokens, dim = route.num_tokens, y_sorted_SD.shape[-1]
+    weights_S = torch.where(route.kept, route.weights.to(y_sorted_SD.dtype), 0.0)
+    k = route.slots_per_token
+    if k is None or y_sorted_SD.device.type == "cpu":
+        weighted_SD = y_sorted_SD * weights_S[plan.order].unsqueeze(-1)
+        out_ND = y_sorted_SD.new_zeros(num_tokens, dim)
+        return out_ND.index_add_(0, route.token_ids[plan.order], weighted_SD)
     y_SD = torch.empty_like(y_sorted_SD)
     y_SD[plan.order] = y_sorted_SD
-    weights_S = torch.where(route.kept, route.weights.to(y_SD.dtype), 0.0)
-    k = route.slots_per_token
-    if k is not None:
-        # multiply-and-sum, not a [N,1,K] @ [N,K,D] bmm: CPU bmm's backward loops per token
-        weights_NK1 = weights_S.view(num_tokens, k, 1)
-        return (y_SD.view(num_tokens, k, dim) * weights_NK1).sum(dim=1)
-    out_ND = y_SD.new_zeros(num_tokens, dim)
-    return out_ND.index_add_(0, route.token_ids, y_SD * weights_S.unsqueeze(-1))
+    # multiply-and-sum, not a [N,1,K] @ [N,K,D] bmm: bmm's backward loops per token on CPU
+    return (y_SD.view(num_tokens, k, dim) * weights_S.view(num_tokens, k, 1)).sum(dim=1)
