@@ -221,6 +221,21 @@ def test_train_records_expert_loads(text_file: Path):
     assert result.evals[-1]["step"] == 2 and len(result.evals[-1]["load_imbalance"]) == 2
 
 
+def test_mod_eval_thresholds_are_calibrated_to_the_capacity(text_file: Path):
+    # uncalibrated, the causal predictor's 0.5 threshold processes an arbitrary share of tokens
+    corpus = load_corpus(text_file)
+    config = TrainConfig(steps=2, batch_size=4, seq_len=32, eval_every=2, eval_batches=1)
+    model = build_model(_tiny_config("mod"), 0)
+    result = train(model, corpus, config, progress=False)
+    final = result.evals[-1]
+    layers = mod_layers(model)
+    assert final["mod_threshold"] == [m.threshold for m in layers]
+    assert all(m.threshold != 0.5 for m in layers)
+    # calibrated on training windows, so held-out capacity is near, not exactly, the target
+    for rate in final["mod_capacity"]:
+        assert abs(rate - 0.125) < 0.06
+
+
 # --- the demo end to end ----------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .data import Corpus
 from .losses import aux_loss
 from .models.transformer import ModelConfig, TransformerLM
+from .mod import MixtureOfDepths, calibrate_thresholds
 from .moe_layer import MoELayer
 
 __all__ = [
@@ -124,6 +125,19 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = min((step - config.warmup_steps) / span, 1.0)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _calibrate_mod(model: nn.Module, calibration: list[Tensor] | None) -> list[float]:
+    """Calibrate the MoD layers' eval thresholds to their capacity on training windows.
+
+    Without it the causal router's fixed 0.5 threshold decides how many tokens a layer
+    processes in eval, and a causal-mode loss at an unknown realized capacity compares nothing.
+    Training windows, not held-out ones, so the held-out loss stays held out.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfDepths)]
+    if not calibration or not layers or any(m.causal_router == "none" for m in layers):
+        return [m.threshold for m in layers]
+    return calibrate_thresholds(model, calibration)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +412,11 @@ def train(
         state = load_checkpoint(out, model, optimizer, config)
         start, history, evals = int(state["step"]), state["history"], state["evals"]
     val = corpus.val_batches(config.batch_size, config.seq_len, config.eval_batches)
+    # MoD eval thresholds are calibrated on the windows of the steps after the run's last
+    calibration = [
+        corpus.train_batch(config.batch_size, config.seq_len, config.seed, config.steps + i)[0]
+        for i in range(2)
+    ]
     tokens_per_step = config.batch_size * config.seq_len
     train_seconds = 0.0
     model.train()
@@ -433,7 +452,7 @@ def train(
             )
             done = step + 1
             if done % config.eval_every == 0 or done == config.steps:
-                evals.append(_eval_record(model, val, done))
+                evals.append(_eval_record(model, val, done, calibration))
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{evals[-1]['loss']:.3f}")
             else:
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -449,7 +468,13 @@ def train(
     return TrainResult(history, evals, train_seconds, tokens_per_second)
 
 
-def _eval_record(model: nn.Module, val: list[tuple[Tensor, Tensor]], step: int) -> dict[str, Any]:
+def _eval_record(
+    model: nn.Module,
+    val: list[tuple[Tensor, Tensor]],
+    step: int,
+    calibration: list[Tensor] | None = None,
+) -> dict[str, Any]:
+    thresholds = _calibrate_mod(model, calibration)
     causal = evaluate(model, val, "causal")
     record: dict[str, Any] = {"step": step, "loss": causal.loss}
     if mod_layers(model):
@@ -458,6 +483,7 @@ def _eval_record(model: nn.Module, val: list[tuple[Tensor, Tensor]], step: int) 
             "topk_loss": topk.loss,
             "mod_capacity": causal.mod_capacity,
             "topk_mod_capacity": topk.mod_capacity,
+            "mod_threshold": thresholds,
         }
     if causal.expert_load:
         record |= {"expert_load": causal.expert_load, "load_imbalance": causal.load_imbalance}
