@@ -162,6 +162,8 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("config top_k > experts", lambda t: ModelConfig(kind="moe", num_experts=4, top_k=5), ValueError, ("top_k", "num_experts=4", "got 5")),
     ("config heads zero", lambda t: ModelConfig(num_heads=0), ValueError, ("num_heads", ">= 1", "got 0")),
     ("config dim float", lambda t: ModelConfig(dim=128.0), TypeError, ("dim", "int", "float")),
+    ("config scaling zero", lambda t: ModelConfig(routed_scaling_factor=0.0), ValueError, ("routed_scaling_factor", "> 0", "0.0")),
+    ("config scaling nan", lambda t: ModelConfig(routed_scaling_factor=float("nan")), ValueError, ("routed_scaling_factor", "finite", "nan")),
     ("lm float idx", lambda t: lm()(torch.zeros(2, 5)), ValueError, ("idx", "int64", "torch.float32")),
     ("lm idx out of vocab", lambda t: lm()(torch.tensor([[1, 2, 50]])), ValueError, ("idx", "[0, 49]", "[1, 50]")),
     ("lm negative idx", lambda t: lm()(torch.tensor([[-1, 2]])), ValueError, ("idx", "[0, 49]", "[-1, 2]")),

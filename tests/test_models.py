@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import pytorch_mixtures as pm
 from pytorch_mixtures.models import ModelConfig, TransformerLM
+from pytorch_mixtures.models.transformer import Block, SwiGLU
 
 
 def tiny(kind: str = "dense", **kwargs) -> TransformerLM:
@@ -15,6 +17,42 @@ def tiny(kind: str = "dense", **kwargs) -> TransformerLM:
         vocab_size=50, dim=32, num_layers=2, num_heads=4, ffn_hidden=64, kind=kind, **kwargs
     )
     return TransformerLM(config).eval()
+
+
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_moe_under_uniform_routing_is_the_dense_ffn_it_replaces(scale):
+    """Weights summing to top_k (the default): with every expert chosen at equal weight, the
+    MoE layer is the dense SwiGLU whose hidden units are the experts' concatenated; with
+    Mixtral's weights summing to 1 it is that FFN scaled by 1 / top_k."""
+    torch.manual_seed(0)
+    dim, width, k = 16, 8, 3
+    config = ModelConfig(
+        dim=dim,
+        num_heads=2,
+        ffn_hidden=k * width,
+        kind="moe",
+        num_experts=k,
+        top_k=k,
+        routed_scaling_factor=scale,
+    )
+    moe = Block(config, layer=0).ffn
+    nn.init.zeros_(moe.router.gate.weight)  # uniform routing: every expert at weight 1/k
+    dense = SwiGLU(dim, k * width)
+    gate_EDH, up_EDH = moe.experts.w_gate_up.detach().chunk(2, dim=-1)
+    with torch.no_grad():
+        # nn.Linear stores [out, in]; hidden unit e*width + j is expert e's unit j
+        gate_DH = torch.cat(list(gate_EDH), dim=1)
+        up_DH = torch.cat(list(up_EDH), dim=1)
+        dense.gate_up.weight.copy_(torch.cat([gate_DH, up_DH], dim=1).T)
+        dense.down.weight.copy_(torch.cat(list(moe.experts.w_down.detach()), dim=0).T)
+    x = torch.randn(2, 5, dim, dtype=torch.float32, requires_grad=True)
+    expected = dense(x) * (1.0 if scale is None else 1.0 / k)
+    got = moe(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(got)
+    (gx_moe,) = torch.autograd.grad(got, x, grad)
+    (gx_dense,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(gx_moe, gx_dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])

@@ -53,6 +53,13 @@ def _add_common(parser: argparse.ArgumentParser, steps: int) -> None:
         default=size.balance_loss_coef,
         help="MoE balance-loss coefficient (default: the demo's choice, see README)",
     )
+    group.add_argument(
+        "--routed-scaling-factor",
+        type=float,
+        default=size.routed_scaling_factor,
+        help="what MoE combine weights sum to (default: top_k, matching the dense FFN; "
+        "1.0 = Mixtral)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -76,6 +83,7 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, SizeConfig]:
         top_k=args.top_k,
         mod_capacity=args.mod_capacity,
         balance_loss_coef=args.balance_coef,
+        routed_scaling_factor=args.routed_scaling_factor,
     )
     return schedule, size
 

@@ -39,6 +39,7 @@ class SizeConfig:
     top_k: int = 2
     mod_capacity: float = 0.125
     balance_loss_coef: float | None = None  # None: the router's default
+    routed_scaling_factor: float | None = None  # None: top_k (see ModelConfig)
 
 
 def model_config(kind: str, size: SizeConfig) -> ModelConfig:
@@ -54,6 +55,7 @@ def model_config(kind: str, size: SizeConfig) -> ModelConfig:
         num_experts=size.num_experts,
         top_k=size.top_k,
         mod_capacity=size.mod_capacity,
+        routed_scaling_factor=size.routed_scaling_factor,
         router_kwargs=(
             {} if size.balance_loss_coef is None else {"balance_loss_coef": size.balance_loss_coef}
         ),

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .data import Corpus
 from .losses import aux_loss
-from .models.transformer import ModelConfig, TransformerLM
 from .mod import MixtureOfDepths, calibrate_thresholds
+from .models.transformer import ModelConfig, TransformerLM
 from .moe_layer import MoELayer
 
 __all__ = [

@@ -15,8 +15,9 @@ Hd head dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,11 @@ class ModelConfig:
 
     ``kind``: ``"dense"`` (SwiGLU FFN of width ``ffn_hidden``), ``"moe"`` (every ``moe_every``-th
     FFN is a top-k MoE of ``num_experts`` SwiGLU experts of width ``expert_hidden``, default
-    ``ffn_hidden // top_k`` so active parameters match the dense model), ``"mod"`` (every
+    ``ffn_hidden // top_k`` so active parameters match the dense model; the router's combine
+    weights sum to ``routed_scaling_factor``, default ``top_k``, so that under uniform routing
+    a MoE layer computes exactly what the dense FFN of width ``top_k * expert_width`` does;
+    1.0 is Mixtral's convention, which scales the FFN output by ``1 / top_k`` against the
+    dense model and loses to it in the demo), ``"mod"`` (every
     ``mod_every``-th block is routed by Mixture-of-Depths at ``mod_capacity``) and ``"mode"``
     (Mixture-of-Depths-and-Experts, Raposo et al. 2024 §3.6): with ``mode_variant="staged"``
     (default) the MoE model's every ``mod_every``-th block is also MoD-routed; with
@@ -64,6 +69,7 @@ class ModelConfig:
     expert_hidden: int | None = None
     moe_every: int = 1
     capacity_factor: float | None = None
+    routed_scaling_factor: float | None = None
     router_kwargs: dict[str, object] = field(default_factory=dict)
     mod_capacity: float = 0.125
     mod_every: int = 2
@@ -104,8 +110,25 @@ class ModelConfig:
             raise ValueError(
                 f"num_noop_experts: expected an integer >= 0 or None, got {self.num_noop_experts}"
             )
+        if self.routed_scaling_factor is not None and not (
+            isinstance(self.routed_scaling_factor, (int, float))
+            and not isinstance(self.routed_scaling_factor, bool)
+            and math.isfinite(self.routed_scaling_factor)
+            and self.routed_scaling_factor > 0
+        ):
+            raise ValueError(
+                "routed_scaling_factor: expected a finite value > 0 or None, "
+                f"got {self.routed_scaling_factor!r}"
+            )
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ValueError(f"mod_capacity: expected a value in (0, 1], got {self.mod_capacity}")
+
+    @property
+    def combine_scale(self) -> float:
+        """What the MoE combine weights sum to (``routed_scaling_factor``, default ``top_k``)."""
+        if self.routed_scaling_factor is not None:
+            return float(self.routed_scaling_factor)
+        return float(self.top_k)
 
     @property
     def expert_width(self) -> int:
@@ -238,12 +261,16 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim)
         self.ffn: nn.Module
         if config.is_moe_layer(layer):
+            router_kwargs: dict[str, Any] = {
+                "routed_scaling_factor": config.combine_scale,
+                **config.router_kwargs,
+            }
             router = TopKRouter(
                 config.dim,
                 config.num_experts + config.noop_experts,
                 config.top_k,
                 capacity_factor=config.capacity_factor,
-                **config.router_kwargs,  # type: ignore[arg-type]
+                **router_kwargs,
             )
             experts = SwiGLUExperts(config.num_experts, config.dim, config.expert_width)
             self.ffn = MoELayer(
