@@ -19,10 +19,12 @@ DROPLESS_BACKENDS = ["auto", "loop", *(["grouped_mm"] if HAS_GROUPED_MM else [])
 CAPACITY_BACKENDS = [*DROPLESS_BACKENDS, "bmm"]
 
 
-def make_experts(kind: str, backend: str) -> pm.MLPExperts | pm.SwiGLUExperts:
+def make_experts(
+    kind: str, backend: str, dim: int = DIM, hidden: int = HIDDEN
+) -> pm.MLPExperts | pm.SwiGLUExperts:
     if kind == "swiglu":
-        return pm.SwiGLUExperts(EXPERTS, DIM, HIDDEN, backend=backend)  # type: ignore[arg-type]
-    return pm.MLPExperts(EXPERTS, DIM, HIDDEN, activation="gelu", backend=backend)  # type: ignore[arg-type]
+        return pm.SwiGLUExperts(EXPERTS, dim, hidden, backend=backend)  # type: ignore[arg-type]
+    return pm.MLPExperts(EXPERTS, dim, hidden, activation="gelu", backend=backend)  # type: ignore[arg-type]
 
 
 def output_and_grads(fn, x, params, seed=0):
@@ -54,13 +56,20 @@ ROUTINGS = [
 ]
 
 
+# SwiGLU experts weight the narrower of hidden and output: "narrow" (hidden < dim) takes the
+# hidden path wherever the layout is row-ordered
+SHAPES = {"wide": (DIM, HIDDEN), "narrow": (12, 4)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("kind", ["swiglu", "mlp"])
 @pytest.mark.parametrize(("top_k", "capacity_factor", "masked"), ROUTINGS)
-def test_every_backend_matches_naive_reference(kind, top_k, capacity_factor, masked):
+def test_every_backend_matches_naive_reference(kind, top_k, capacity_factor, masked, shape):
     """float32 layer, each backend, against the float64 per-token loop: output and grads of the
     input, the router and every expert weight."""
+    dim, hidden = SHAPES[shape]
     torch.manual_seed(top_k * 10 + masked)
-    x = torch.randn(3, 7, DIM)
+    x = torch.randn(3, 7, dim)
     mask = torch.ones(3, 7, dtype=torch.bool)
     if masked:
         mask[0, 5:] = False
@@ -71,29 +80,29 @@ def test_every_backend_matches_naive_reference(kind, top_k, capacity_factor, mas
     for backend in candidates:
         torch.manual_seed(1)
         router = pm.TopKRouter(
-            DIM,
+            dim,
             EXPERTS,
             top_k,
             capacity_factor=capacity_factor,
             normalize_weights=top_k > 1,
             init_std=1.0,
         )
-        moe = pm.MoELayer(DIM, router, make_experts(kind, backend))
+        moe = pm.MoELayer(dim, router, make_experts(kind, backend, dim, hidden))
         params = list(moe.parameters())
         xb = x.clone().requires_grad_(True)
         got = output_and_grads(lambda inp, moe=moe: moe(inp, mask if masked else None), xb, params)
         if reference is None:
             moe64 = pm.MoELayer(
-                DIM,
+                dim,
                 pm.TopKRouter(
-                    DIM,
+                    dim,
                     EXPERTS,
                     top_k,
                     capacity_factor=capacity_factor,
                     normalize_weights=top_k > 1,
                     init_std=1.0,
                 ),
-                make_experts(kind, "loop"),
+                make_experts(kind, "loop", dim, hidden),
             ).double()
             moe64.load_state_dict(moe.state_dict())
             params64 = list(moe64.parameters())
@@ -102,7 +111,7 @@ def test_every_backend_matches_naive_reference(kind, top_k, capacity_factor, mas
 
             def naive(inp, moe64=moe64, fns=fns):
                 out, _ = naive_topk_moe(
-                    inp.reshape(-1, DIM),
+                    inp.reshape(-1, dim),
                     moe64.router.gate.weight,
                     fns,
                     top_k,

@@ -161,6 +161,12 @@ class GroupedRows:
     slot_S: Tensor | None = None
     biased: bool = False
 
+    @property
+    def row_ordered(self) -> bool:
+        """Whether ``data``'s rows are the sorted rows themselves (``[S, ...]``, no padded
+        layout), so per-row factors apply to ``data`` directly."""
+        return self.backend != "bmm" and self.slot_S is None
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> GroupedRows:
         """Apply a row-wise function (an activation) in this layout."""
         return dataclasses.replace(self, data=fn(self.data))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .routing import RouterOutput
 
-__all__ = ["DispatchPlan", "combine", "permute", "plan_dispatch"]
+__all__ = ["DispatchPlan", "combine", "permute", "plan_dispatch", "sorted_weights"]
 
 
 @dataclass(frozen=True)
@@ -73,26 +73,40 @@ def permute(x_ND: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:
     return x_ND.index_select(0, route.token_ids[plan.order])
 
 
-def combine(y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:
+def sorted_weights(route: RouterOutput, plan: DispatchPlan, dtype: torch.dtype) -> Tensor:
+    """Combine weight of each expert-sorted row, ``[S]`` in ``dtype``; zero for dropped slots."""
+    return torch.where(route.kept, route.weights.to(dtype), 0.0)[plan.order]
+
+
+def combine(
+    y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan, *, weighted: bool = False
+) -> Tensor:
     """Un-permute expert outputs and sum each token's weighted slots: ``[S, D] -> [N, D]``.
 
-    Dropped slots contribute exactly zero: their weight is zeroed (``torch.where``) and their
-    rows, which experts treat as padding, are zero by the experts' contract.
+    ``weighted=True``: the rows already carry their combine weights (experts that apply
+    :func:`sorted_weights` themselves, where their tensors are narrowest), so they are only
+    summed. Dropped slots contribute exactly zero: their weight is zero and their rows, which
+    experts treat as padding, are zero by the experts' contract.
 
-    On CPU the weighted sorted rows are added straight into their tokens with ``index_add_``
+    On CPU the sorted rows are added straight into their tokens with ``index_add_``
     (deterministic there, and several times faster than un-permuting ``[S, D]`` first: random
     row gathers over S rows miss the cache, adds into N rows do not). Elsewhere token-major
     routings (top-k) are un-permuted and summed over a ``[N, K, D]`` view, which is
     deterministic on every device; other routings use ``index_add_``.
     """
     num_tokens, dim = route.num_tokens, y_sorted_SD.shape[-1]
-    weights_S = torch.where(route.kept, route.weights.to(y_sorted_SD.dtype), 0.0)
     k = route.slots_per_token
     if k is None or y_sorted_SD.device.type == "cpu":
-        weighted_SD = y_sorted_SD * weights_S[plan.order].unsqueeze(-1)
+        if not weighted:
+            weights_S = sorted_weights(route, plan, y_sorted_SD.dtype)
+            y_sorted_SD = y_sorted_SD * weights_S.unsqueeze(-1)
         out_ND = y_sorted_SD.new_zeros(num_tokens, dim)
-        return out_ND.index_add_(0, route.token_ids[plan.order], weighted_SD)
+        return out_ND.index_add_(0, route.token_ids[plan.order], y_sorted_SD)
     y_SD = torch.empty_like(y_sorted_SD)
     y_SD[plan.order] = y_sorted_SD
+    y_NKD = y_SD.view(num_tokens, k, dim)
+    if weighted:
+        return y_NKD.sum(dim=1)
+    weights_S = torch.where(route.kept, route.weights.to(y_SD.dtype), 0.0)
     # multiply-and-sum, not a [N,1,K] @ [N,K,D] bmm: bmm's backward loops per token on CPU
-    return (y_SD.view(num_tokens, k, dim) * weights_S.view(num_tokens, k, 1)).sum(dim=1)
+    return (y_NKD * weights_S.view(num_tokens, k, 1)).sum(dim=1)

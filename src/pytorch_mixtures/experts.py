@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,10 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _scale_rows(y_SX: Tensor, weights_S: Tensor) -> Tensor:
+    return y_SX * weights_S.to(y_SX.dtype).unsqueeze(-1)
+
+
 def _group_bounds(tokens_per_expert_E: Tensor) -> list[int]:
     """Row offsets ``[0, c0, c0+c1, ...]`` on the host (one device sync)."""
     bounds = [0]
@@ -64,6 +69,10 @@ class ExpertsBase(nn.Module):
 
     num_experts: int
     dim: int
+    #: True for experts whose ``forward`` takes ``row_weights_S`` ``[S]`` and returns rows
+    #: already multiplied by them (the combine weights), so they can apply the weights where
+    #: their tensors are narrowest; :class:`~pytorch_mixtures.MoELayer` then only sums.
+    applies_row_weights: ClassVar[bool] = False
 
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         raise NotImplementedError
@@ -153,6 +162,8 @@ class MLPExperts(ExpertsBase):
             assigning ``experts.backend``.
     """
 
+    applies_row_weights: ClassVar[bool] = True
+
     def __init__(
         self,
         num_experts: int,
@@ -193,12 +204,14 @@ class MLPExperts(ExpertsBase):
         tokens_per_expert_E: Tensor,
         *,
         max_rows_per_expert: int | None = None,
+        row_weights_S: Tensor | None = None,
     ) -> Tensor:
         self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_in.dtype)
         rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_in, self.b_in).map(self._act)
-        return hidden.linear(self.w_out, self.b_out).rows()
+        y_SD = hidden.linear(self.w_out, self.b_out).rows()
+        return y_SD if row_weights_S is None else _scale_rows(y_SD, row_weights_S)
 
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         h_nH = x_nD @ self.w_in[expert]
@@ -232,6 +245,8 @@ class SwiGLUExperts(ExpertsBase):
             assigning ``experts.backend``.
     """
 
+    applies_row_weights: ClassVar[bool] = True
+
     def __init__(
         self, num_experts: int, dim: int, hidden_dim: int, *, backend: Backend = "auto"
     ) -> None:
@@ -254,12 +269,24 @@ class SwiGLUExperts(ExpertsBase):
         tokens_per_expert_E: Tensor,
         *,
         max_rows_per_expert: int | None = None,
+        row_weights_S: Tensor | None = None,
     ) -> Tensor:
         self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
         rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_gate_up).map(self._swiglu)
-        return hidden.linear(self.w_down).rows()
+        # (w h) W = w (h W): weight the narrower of hidden [S, H] and output [S, D]
+        weight_hidden = (
+            row_weights_S is not None and self.hidden_dim < self.dim and hidden.row_ordered
+        )
+        if weight_hidden:
+            assert row_weights_S is not None
+            weights = row_weights_S
+            hidden = hidden.map(lambda h_SH: _scale_rows(h_SH, weights))
+        y_SD = hidden.linear(self.w_down).rows()
+        if row_weights_S is None or weight_hidden:
+            return y_SD
+        return _scale_rows(y_SD, row_weights_S)
 
     def _swiglu(self, gate_up_n2H: Tensor) -> Tensor:
         gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)

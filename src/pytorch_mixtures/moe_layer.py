@@ -197,12 +197,17 @@ class MoELayer(AuxLossModule):
         x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
         # no-op experts sort last: the real experts see only their own rows, and rows of
         # no-op slots come back zero, as rows past the experts' counts always do
+        weighted = bool(getattr(self.experts, "applies_row_weights", False))
+        weights: dict[str, Tensor] = {}
+        if weighted:
+            weights["row_weights_S"] = dispatch.sorted_weights(route, plan, route.weights.dtype)
         y_sorted_SD = self.experts(
             x_sorted_SD,
             plan.tokens_per_expert[: self.num_experts],
             max_rows_per_expert=plan.max_rows_per_expert,
+            **weights,
         )
-        y_ND = dispatch.combine(y_sorted_SD, route, plan)
+        y_ND = dispatch.combine(y_sorted_SD, route, plan, weighted=weighted)
         if self.shared_experts is not None:
             y_ND = y_ND + self._shared_forward(x_BTD.reshape(-1, self.dim), mask_BT)
 
