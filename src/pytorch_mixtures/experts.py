@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import Backend, check_backend, group_rows, resolve_backend
+from .backends import (
+    Backend,
+    check_backend,
+    compute_dtype,
+    group_rows,
+    resolve_backend,
+    segment_swiglu,
+)
 
 __all__ = ["ExpertsBase", "MLPExperts", "ModuleListExperts", "SwiGLUExperts", "as_experts"]
 
@@ -273,6 +280,16 @@ class SwiGLUExperts(ExpertsBase):
     ) -> Tensor:
         self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
+        if backend == "loop":
+            dtype = compute_dtype(x_SD)
+            y_SD, _ = segment_swiglu(
+                x_SD.to(dtype),
+                self.w_gate_up.to(dtype),
+                self.w_down.to(dtype),
+                tokens_per_expert_E,
+                None if row_weights_S is None else row_weights_S.to(dtype),
+            )
+            return y_SD
         rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_gate_up).map(self._swiglu)
         # (w h) W = w (h W): weight the narrower of hidden [S, H] and output [S, D]
