@@ -216,43 +216,55 @@ def test_segment_mm_op_registration():
     w_gate_up = torch.randn(3, 5, 8, requires_grad=True)
     w_down = torch.randn(3, 4, 5, requires_grad=True)
     row_weights = torch.rand(7, requires_grad=True)
+    tokens = torch.tensor([4, 0, 1, 4, 2, 3, 0, 1])  # 8 sorted rows of 5 tokens (2 padding)
+    x_tokens = torch.randn(5, 5, requires_grad=True)
     for weights in (None, row_weights):
-        args = (x, w_gate_up, w_down, counts, weights)
-        torch.library.opcheck(backends.segment_swiglu, args)
+        torch.library.opcheck(
+            backends.segment_swiglu, (x, w_gate_up, w_down, counts, weights, None)
+        )
+    torch.library.opcheck(
+        backends.segment_swiglu,
+        (x_tokens, w_gate_up, w_down, counts, torch.rand(8, requires_grad=True), tokens),
+    )
 
 
-def test_segment_swiglu_against_a_per_row_loop():
+@pytest.mark.parametrize("mode", ["sorted rows", "token rows"])
+def test_segment_swiglu_against_a_per_row_loop(mode):
     """The fused loop-backend SwiGLU, float64, against each row through its expert by hand:
-    output, and gradients of the rows, both weights and the row weights (padding rows zero)."""
+    output, and gradients of the inputs, both weights and the row weights. "token rows": sorted
+    row r reads token rows_S[r] and adds into it (padding rows ignored); "sorted rows": row r
+    is x[r] (padding rows give zero)."""
     torch.manual_seed(3)
     counts = torch.tensor([3, 0, 2, 4])
-    rows, dim, hidden = 11, 6, 5  # 2 padding rows
-    x = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
+    rows, dim, hidden, tokens = 11, 6, 5, 4  # 9 routed rows + 2 padding rows
+    expert_of_row = [0, 0, 0, 2, 2, 3, 3, 3, 3]
+    token_of_row = torch.tensor([0, 2, 3, 1, 2, 0, 1, 2, 3, 0, 0])
+    by_token = mode == "token rows"
+    x = torch.randn(tokens if by_token else rows, dim, dtype=torch.float64, requires_grad=True)
     w_gu = torch.randn(4, dim, 2 * hidden, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(4, hidden, dim, dtype=torch.float64, requires_grad=True)
     row_w = torch.rand(rows, dtype=torch.float64, requires_grad=True)
-    expert_of_row = [0, 0, 0, 2, 2, 3, 3, 3, 3]
-    probe = torch.randn(rows, dim, dtype=torch.float64)
+    probe = torch.randn(x.shape, dtype=torch.float64)
 
     def reference():
-        out = []
-        for r in range(rows):
-            if r >= len(expert_of_row):
-                out.append(torch.zeros(dim, dtype=torch.float64))
-                continue
-            e = expert_of_row[r]
-            gate, up = (x[r] @ w_gu[e]).split(hidden)
-            out.append(row_w[r] * (torch.nn.functional.silu(gate) * up) @ w_down[e])
+        out = [torch.zeros(dim, dtype=torch.float64) for _ in range(x.shape[0])]
+        for r, e in enumerate(expert_of_row):
+            src = int(token_of_row[r]) if by_token else r
+            gate, up = (x[src] @ w_gu[e]).split(hidden)
+            out[src] = out[src] + row_w[r] * (torch.nn.functional.silu(gate) * up) @ w_down[e]
         return torch.stack(out)
 
+    def fused():
+        rows_S = token_of_row if by_token else None
+        return backends.segment_swiglu(x, w_gu, w_down, counts, row_w, rows_S)[0]
+
     results = []
-    for fn in (reference, lambda: backends.segment_swiglu(x, w_gu, w_down, counts, row_w)[0]):
+    for fn in (reference, fused):
         y = fn()
         grads = torch.autograd.grad((y * probe).sum(), [x, w_gu, w_down, row_w])
         results.append((y.detach(), grads))
     (y_ref, g_ref), (y, g) = results
     torch.testing.assert_close(y, y_ref)
-    assert y[9:].abs().sum() == 0
     for got, want in zip(g, g_ref, strict=True):
         torch.testing.assert_close(got, want)
 

@@ -84,6 +84,20 @@ class ExpertsBase(nn.Module):
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def forward_tokens(
+        self,
+        x_ND: Tensor,
+        rows_S: Tensor,
+        tokens_per_expert_E: Tensor,
+        row_weights_S: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+    ) -> Tensor | None:
+        """Optional fast path taking token rows ``x_ND`` and the token of each sorted row
+        ``rows_S``, returning the weighted, summed ``[N, D]`` output; None (the default) means
+        "not available", and the caller permutes, calls ``forward`` and combines."""
+        return None
+
     def _check_counts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> None:
         if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
             got = tuple(x_SD.shape) if isinstance(x_SD, Tensor) else type(x_SD).__name__
@@ -281,15 +295,7 @@ class SwiGLUExperts(ExpertsBase):
         self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
         if backend == "loop":
-            dtype = compute_dtype(x_SD)
-            y_SD, _ = segment_swiglu(
-                x_SD.to(dtype),
-                self.w_gate_up.to(dtype),
-                self.w_down.to(dtype),
-                tokens_per_expert_E,
-                None if row_weights_S is None else row_weights_S.to(dtype),
-            )
-            return y_SD
+            return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, None)
         rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_gate_up).map(self._swiglu)
         # (w h) W = w (h W): weight the narrower of hidden [S, H] and output [S, D]
@@ -304,6 +310,45 @@ class SwiGLUExperts(ExpertsBase):
         if row_weights_S is None or weight_hidden:
             return y_SD
         return _scale_rows(y_SD, row_weights_S)
+
+    def forward_tokens(
+        self,
+        x_ND: Tensor,
+        rows_S: Tensor,
+        tokens_per_expert_E: Tensor,
+        row_weights_S: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+    ) -> Tensor | None:
+        """The loop backend's gather-free path: ``[N, D]`` token rows in, ``[N, D]`` out.
+
+        Sorted row ``r`` reads token ``rows_S[r]`` and adds its weighted output into that
+        token's row, without the ``[S, D]`` gathered inputs or per-slot outputs. Returns None
+        when this call's backend is not ``"loop"`` or ``x`` is not on the CPU (elsewhere the
+        adds into token rows would be atomic, so not deterministic); the caller then permutes
+        and combines.
+        """
+        if self.backend not in ("auto", "loop") or x_ND.device.type != "cpu":
+            return None
+        backend = resolve_backend(self.backend, x_ND, max_rows_per_expert, self.w_down.dtype)
+        if backend != "loop":
+            return None
+        return self._segment_swiglu(x_ND, tokens_per_expert_E, row_weights_S, rows_S)
+
+    def _segment_swiglu(
+        self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None
+    ) -> Tensor:
+        dtype = compute_dtype(x)
+        y, _gate_up = segment_swiglu(
+            x.to(dtype),
+            self.w_gate_up.to(dtype),
+            self.w_down.to(dtype),
+            counts_E,
+            None if row_weights_S is None else row_weights_S.to(dtype),
+            rows_S,
+        )
+        out: Tensor = y
+        return out
 
     def _swiglu(self, gate_up_n2H: Tensor) -> Tensor:
         gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)

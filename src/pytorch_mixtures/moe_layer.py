@@ -194,25 +194,32 @@ class MoELayer(AuxLossModule):
         else:
             route = self.router(x_BTD, mask_BT)
         plan = dispatch.plan_dispatch(route)
-        x_sorted_SD = dispatch.permute(x_BTD.reshape(-1, self.dim), route, plan)
+        x_ND = x_BTD.reshape(-1, self.dim)
         # no-op experts sort last: the real experts see only their own rows, and rows of
         # no-op slots come back zero, as rows past the experts' counts always do
+        counts_E = plan.tokens_per_expert[: self.num_experts]
         weighted = bool(getattr(self.experts, "applies_row_weights", False))
-        weights: dict[str, Tensor] = {}
+        y_ND = None
         if weighted:
-            weights["row_weights_S"] = dispatch.sorted_weights(route, plan, route.weights.dtype)
-        y_sorted_SD = self.experts(
-            x_sorted_SD,
-            plan.tokens_per_expert[: self.num_experts],
-            max_rows_per_expert=plan.max_rows_per_expert,
-            **weights,
-        )
-        y_ND = dispatch.combine(y_sorted_SD, route, plan, weighted=weighted)
+            weights_S = dispatch.sorted_weights(route, plan, route.weights.dtype)
+            rows_S = route.token_ids[plan.order]
+            y_ND = self.experts.forward_tokens(
+                x_ND, rows_S, counts_E, weights_S, max_rows_per_expert=plan.max_rows_per_expert
+            )
+        if y_ND is None:
+            x_sorted_SD = dispatch.permute(x_ND, route, plan)
+            y_sorted_SD = self.experts(
+                x_sorted_SD,
+                counts_E,
+                max_rows_per_expert=plan.max_rows_per_expert,
+                **({"row_weights_S": weights_S} if weighted else {}),
+            )
+            y_ND = dispatch.combine(y_sorted_SD, route, plan, weighted=weighted)
         if self.shared_experts is not None:
-            y_ND = y_ND + self._shared_forward(x_BTD.reshape(-1, self.dim), mask_BT)
+            y_ND = y_ND + self._shared_forward(x_ND, mask_BT)
 
         self._set_aux(route.aux_loss, dict(route.aux_losses))
-        self._stats = routing_stats_from(route, plan, x_BTD.reshape(-1, self.dim))
+        self._stats = routing_stats_from(route, plan, x_ND)
         y = y_ND.reshape(x.shape).to(x.dtype)
         if self.check_finite:
             raise_if_nonfinite(self, "output", y)
