@@ -6,7 +6,9 @@ rows for expert 0, then expert 1, ...; trailing rows past ``counts.sum()`` are p
 apply ``x @ W[e]`` to each group. A backend decides how:
 
 * ``"loop"``: a Python loop of plain matmuls over contiguous slices of the sorted rows. Reads
-  the counts on the host (one ``.tolist()`` sync); on CPU the fastest eager path measured.
+  the counts on the host (one ``.tolist()`` sync); on CPU the fastest path measured. SwiGLU
+  experts run whole per expert (:func:`segment_swiglu`), and inside ``MoELayer`` on CPU they
+  read token rows and add into them directly (no ``[S, D]`` permuted copies).
 * ``"grouped_mm"``: :func:`torch.nn.functional.grouped_mm` (one kernel for all groups, jagged
   offsets as an ``int32`` device tensor, no host sync, static shapes, so it compiles with
   ``fullgraph=True``). Its kernels need 16-byte aligned strides: misaligned dims are

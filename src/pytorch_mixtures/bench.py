@@ -181,6 +181,7 @@ def _moe(config: BenchConfig, backend: str, capacity_factor: float | None = None
 
 
 DENSE = "dense-equivalent"
+SHAPE_LIMIT = "shape limit"
 
 
 def build_candidates(
@@ -189,7 +190,7 @@ def build_candidates(
     """Candidate name -> constructor, and name -> reason for the ones skipped."""
     makers: dict[str, Callable[[], nn.Module]] = {
         DENSE: lambda: SwiGLU(config.dim, config.top_k * config.hidden),
-        "shape limit": lambda: _RowsRepeated(config.dim, config.hidden, config.top_k),
+        SHAPE_LIMIT: lambda: _RowsRepeated(config.dim, config.hidden, config.top_k),
         "moe[auto]": lambda: _moe(config, "auto"),
         "moe[loop]": lambda: _moe(config, "loop"),
     }
@@ -400,23 +401,35 @@ def _peak_rss_subprocess(
 
 
 def format_table(result: BenchResult) -> str:
-    """A plain-text table of one config's results."""
+    """A plain-text table of one config's results.
+
+    Columns ``x limit``: fwd and fwd+bwd ratios over the shape limit's (DESIGN section 4's
+    second reference: the experts' matmuls with zero routing overhead), when it was run.
+    """
     c = result.config
+    limit_fwd = result.fwd_ratio.get(SHAPE_LIMIT)
+    limit_fwd_bwd = result.fwd_bwd_ratio.get(SHAPE_LIMIT)
     lines = [
         f"config {c.name}: {c.batch}x{c.seq} tokens, dim {c.dim}, {c.num_experts} experts of "
         f"hidden {c.hidden}, top-{c.top_k}; ratios = time / dense-equivalent time "
         "(median of pairwise ratios)",
         f"{'candidate':<22} {'fwd ms':>9} {'fwd x':>7} {'fwd+bwd ms':>11} {'fwd+bwd x':>10}"
-        f" {'act. mem MiB':>13} {'mem x':>6}",
+        f" {'act. mem MiB':>13} {'mem x':>6} {'x limit (fwd, f+b)':>19}",
     ]
     for name in result.fwd_ratio:
         mem_mib = result.memory_mib.get(name)
         mem_ratio = result.memory_ratio.get(name)
+        vs_limit = "-"
+        if limit_fwd and limit_fwd_bwd:
+            vs_limit = (
+                f"{result.fwd_ratio[name] / limit_fwd:.2f}, "
+                f"{result.fwd_bwd_ratio[name] / limit_fwd_bwd:.2f}"
+            )
         lines.append(
             f"{name:<22} {result.fwd_ms[name]:>9.1f} {result.fwd_ratio[name]:>7.2f} "
             f"{result.fwd_bwd_ms[name]:>11.1f} {result.fwd_bwd_ratio[name]:>10.2f}"
             f" {'-' if mem_mib is None else f'{mem_mib:.0f}':>13}"
-            f" {'-' if mem_ratio is None else f'{mem_ratio:.2f}':>6}"
+            f" {'-' if mem_ratio is None else f'{mem_ratio:.2f}':>6} {vs_limit:>19}"
         )
     for name, reason in result.skipped.items():
         lines.append(f"{name:<22} skipped: {reason}")
