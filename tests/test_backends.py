@@ -376,3 +376,61 @@ def test_grouped_mm_row_aligned_layout_matches_loop(kind):
     got = output_and_grads(aligned, x.clone().requires_grad_(True), list(experts.parameters()))
     assert_all_close(got, want, tol=1e-5)
     assert torch.equal(got[0][23:], torch.zeros(3, DIM))
+
+
+@pytest.mark.parametrize("by_token", [False, True], ids=["sorted rows", "token rows"])
+def test_segment_swiglu_second_order_gradients(by_token):
+    """backward(create_graph=True) goes through differentiable ops: gradgradcheck in float64."""
+    torch.manual_seed(4)
+    counts = torch.tensor([2, 0, 3])
+    x = torch.randn(4 if by_token else 6, 3, dtype=torch.float64, requires_grad=True)
+    w_gu = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    row_w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 3, 1, 2, 3, 0]) if by_token else None
+
+    def fn(x, w_gu, w_down, row_w):
+        return backends.segment_swiglu(x, w_gu, w_down, counts, row_w, rows)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w_gu, w_down, row_w))
+    assert torch.autograd.gradgradcheck(fn, (x, w_gu, w_down, row_w))
+    _, gate_up = backends.segment_swiglu(x, w_gu, w_down, counts, row_w, rows)
+    assert not gate_up.requires_grad  # returned only to be saved for the backward
+
+
+def test_loop_path_keeps_hooks_and_pruning():
+    """MoELayer's token-rows path calls the experts module, so its hooks and parametrizations
+    (pruning's pre-hook recomputes the weight every call) apply."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(5)
+    moe = pm.MoELayer(8, pm.TopKRouter(8, 4, 2), pm.SwiGLUExperts(4, 8, 12))
+    seen = []
+    moe.experts.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    prune.random_unstructured(moe.experts, "w_down", 0.5)
+    x = torch.randn(2, 3, 8)
+    for _ in range(2):  # a stale pruned weight would fail the second backward
+        moe(x).sum().backward()
+    assert seen == [torch.Size([6, 8])] * 2  # token rows in, token rows out
+    mask = moe.experts.w_down_mask
+    assert (moe.experts.w_down_orig.grad[mask == 0] == 0).all()
+
+
+def test_segment_swiglu_ignores_autocast_and_keeps_the_callers_dtype():
+    x = torch.randn(5, 4)
+    w_gu, w_down = torch.randn(2, 4, 6), torch.randn(2, 3, 4)
+    counts, rows = torch.tensor([3, 2]), torch.tensor([0, 1, 4, 2, 3])
+    plain = backends.segment_swiglu(x, w_gu, w_down, counts, None, rows)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = backends.segment_swiglu(x, w_gu, w_down, counts, None, rows)[0]
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain)
+
+
+def test_rows_need_the_loop_backend():
+    experts = pm.SwiGLUExperts(2, 4, 8, backend="bmm")
+    with pytest.raises(ValueError, match="token rows need the 'loop' backend"):
+        experts(torch.randn(3, 4), torch.tensor([1, 1]), rows_S=torch.tensor([0, 1]))
+    experts = pm.SwiGLUExperts(2, 4, 8, backend="loop")
+    with pytest.raises(TypeError, match="rows_S: expected a 1-D int64 tensor"):
+        experts(torch.randn(3, 4), torch.tensor([1, 1]), rows_S=torch.tensor([0.0, 1.0]))

@@ -310,6 +310,19 @@ def segment_swiglu(
     num_rows = x.shape[0] if rows_S is None else rows_S.shape[0]
     if bounds[-1] > num_rows:
         raise ValueError(f"tokens_per_expert: counts sum to {bounds[-1]} but x has {num_rows} rows")
+    with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
+        return _segment_swiglu_impl(x, w_gate_up_ED2H, w_down_EHD, bounds, row_weights_S, rows_S)
+
+
+def _segment_swiglu_impl(
+    x: Tensor,
+    w_gate_up_ED2H: Tensor,
+    w_down_EHD: Tensor,
+    bounds: list[int],
+    row_weights_S: Tensor | None,
+    rows_S: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    num_rows = x.shape[0] if rows_S is None else rows_S.shape[0]
     hidden = w_down_EHD.shape[1]
     gate_up_S2H = x.new_empty(num_rows, 2 * hidden)
     gate_up_S2H[bounds[-1] :].zero_()
@@ -361,7 +374,23 @@ def segment_swiglu_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`segment_swiglu`, one expert at a time: ``(dx, dW_gate_up [E, D, 2H],
     dW_down [E, H, D], d_row_weights [S])`` (the last zeros without row weights)."""
-    bounds = _bounds(counts_E)
+    with torch.autocast(x.device.type, enabled=False):
+        return _segment_swiglu_backward_impl(
+            grad_y, x, gate_up_S2H, w_gate_up_ED2H, w_down_EHD, _bounds(counts_E),
+            row_weights_S, rows_S,
+        )  # fmt: skip
+
+
+def _segment_swiglu_backward_impl(
+    grad_y: Tensor,
+    x: Tensor,
+    gate_up_S2H: Tensor,
+    w_gate_up_ED2H: Tensor,
+    w_down_EHD: Tensor,
+    bounds: list[int],
+    row_weights_S: Tensor | None,
+    rows_S: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     hidden = w_down_EHD.shape[1]
     if rows_S is None:
         grad_x = torch.empty_like(x)
@@ -427,17 +456,32 @@ def _(
 def _segment_swiglu_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     x, w_gate_up_ED2H, w_down_EHD, counts_E, row_weights_S, rows_S = inputs
     ctx.optional = (row_weights_S is not None, rows_S is not None)
+    ctx.mark_non_differentiable(output[1])  # gate_up is returned only to be saved
     extras = tuple(t for t in (row_weights_S, rows_S) if t is not None)
     ctx.save_for_backward(x, output[1], w_gate_up_ED2H, w_down_EHD, counts_E, *extras)
 
 
 def _segment_swiglu_grad(
     ctx: Any, grad_y: Tensor, _grad_gate_up: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, None, Tensor | None, None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, Tensor | None, None]:
     x, gate_up_S2H, w_gate_up_ED2H, w_down_EHD, counts_E, *extras = ctx.saved_tensors
     has_weights, has_rows = ctx.optional
     row_weights_S = extras.pop(0) if has_weights else None
     rows_S = extras.pop(0) if has_rows else None
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): gradients that are themselves differentiable
+        inputs = (x, w_gate_up_ED2H, w_down_EHD, row_weights_S)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        if not wanted:
+            return None, None, None, None, None, None
+        y = _segment_swiglu_composite(
+            x, w_gate_up_ED2H, w_down_EHD, counts_E, row_weights_S, rows_S
+        )
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+        gx, ggu, gdown, grw = (
+            next(grads) if t is not None and t.requires_grad else None for t in inputs
+        )
+        return gx, ggu, gdown, None, grw, None
     grad_x, grad_gu, grad_down, grad_rw = segment_swiglu_backward(
         grad_y.contiguous(), x, gate_up_S2H, w_gate_up_ED2H, w_down_EHD, counts_E,
         row_weights_S, rows_S,
@@ -446,6 +490,36 @@ def _segment_swiglu_grad(
 
 
 segment_swiglu.register_autograd(_segment_swiglu_grad, setup_context=_segment_swiglu_setup)
+
+
+def _segment_swiglu_composite(
+    x: Tensor,
+    w_gate_up_ED2H: Tensor,
+    w_down_EHD: Tensor,
+    counts_E: Tensor,
+    row_weights_S: Tensor | None,
+    rows_S: Tensor | None,
+) -> Tensor:
+    """:func:`segment_swiglu`'s ``y`` from differentiable ops (for higher-order gradients)."""
+    bounds = _bounds(counts_E)
+    hidden = w_down_EHD.shape[1]
+    pieces, routed = [], []
+    for expert in range(w_down_EHD.shape[0]):
+        start, end = bounds[expert], bounds[expert + 1]
+        if end == start:
+            continue
+        x_nD = x[start:end] if rows_S is None else x.index_select(0, rows_S[start:end])
+        gate, up = (x_nD @ w_gate_up_ED2H[expert]).split(hidden, dim=-1)
+        h_nH = F.silu(gate) * up
+        if row_weights_S is not None:
+            h_nH = h_nH * row_weights_S[start:end].unsqueeze(-1)
+        pieces.append(h_nH @ w_down_EHD[expert])
+        routed.append(torch.arange(start, end, device=x.device))
+    dim = w_down_EHD.shape[-1]
+    y_SD = torch.cat([*pieces, x.new_zeros(0, dim)])
+    if rows_S is None:
+        return torch.cat([y_SD, x.new_zeros(x.shape[0] - bounds[-1], dim)])
+    return x.new_zeros(x.shape[0], dim).index_add(0, rows_S[: bounds[-1]], y_SD)
 
 
 def _alignment(dtype: torch.dtype) -> int:

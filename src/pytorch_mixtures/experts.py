@@ -84,19 +84,12 @@ class ExpertsBase(nn.Module):
     def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward_tokens(
-        self,
-        x_ND: Tensor,
-        rows_S: Tensor,
-        tokens_per_expert_E: Tensor,
-        row_weights_S: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-    ) -> Tensor | None:
-        """Optional fast path taking token rows ``x_ND`` and the token of each sorted row
-        ``rows_S``, returning the weighted, summed ``[N, D]`` output; None (the default) means
-        "not available", and the caller permutes, calls ``forward`` and combines."""
-        return None
+    def accepts_token_rows(self, x_ND: Tensor, max_rows_per_expert: int | None) -> bool:
+        """Whether ``forward`` can take token rows for this call: ``forward(x_ND, counts,
+        rows_S=..., row_weights_S=...)`` with ``x_ND`` ``[N, D]`` and the token of each sorted
+        row, returning the weighted, summed ``[N, D]`` output. False (the default): the caller
+        permutes rows, calls ``forward`` on ``[S, D]`` and combines."""
+        return False
 
     def _check_counts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> None:
         if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
@@ -291,7 +284,26 @@ class SwiGLUExperts(ExpertsBase):
         *,
         max_rows_per_expert: int | None = None,
         row_weights_S: Tensor | None = None,
+        rows_S: Tensor | None = None,
     ) -> Tensor:
+        """``[S, D]`` sorted rows -> ``[S, D]``; with ``rows_S`` (see :meth:`accepts_token_rows`)
+        ``x`` is ``[N, D]`` token rows, sorted row r reads token ``rows_S[r]``, and the weighted
+        outputs are summed into ``[N, D]`` without ``[S, D]`` copies."""
+        if rows_S is not None:
+            if not self.accepts_token_rows(x_SD, max_rows_per_expert):
+                raise ValueError(
+                    "rows_S: token rows need the 'loop' backend on CPU (accepts_token_rows); "
+                    f"got backend={self.backend!r} on {x_SD.device.type}"
+                )
+            if not isinstance(rows_S, Tensor) or rows_S.dim() != 1 or rows_S.dtype != torch.long:
+                got = (
+                    f"{rows_S.dtype} {tuple(rows_S.shape)}"
+                    if isinstance(rows_S, Tensor)
+                    else type(rows_S).__name__
+                )
+                raise TypeError(f"rows_S: expected a 1-D int64 tensor, got {got}")
+            self._check_counts(x_SD, tokens_per_expert_E)
+            return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, rows_S)
         self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
         if backend == "loop":
@@ -311,29 +323,15 @@ class SwiGLUExperts(ExpertsBase):
             return y_SD
         return _scale_rows(y_SD, row_weights_S)
 
-    def forward_tokens(
-        self,
-        x_ND: Tensor,
-        rows_S: Tensor,
-        tokens_per_expert_E: Tensor,
-        row_weights_S: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-    ) -> Tensor | None:
-        """The loop backend's gather-free path: ``[N, D]`` token rows in, ``[N, D]`` out.
-
-        Sorted row ``r`` reads token ``rows_S[r]`` and adds its weighted output into that
-        token's row, without the ``[S, D]`` gathered inputs or per-slot outputs. Returns None
-        when this call's backend is not ``"loop"`` or ``x`` is not on the CPU (elsewhere the
-        adds into token rows would be atomic, so not deterministic); the caller then permutes
-        and combines.
-        """
+    def accepts_token_rows(self, x_ND: Tensor, max_rows_per_expert: int | None) -> bool:
+        """True when this call runs the ``"loop"`` backend on CPU (elsewhere the adds into
+        token rows would be atomic, so not deterministic) and ``forward`` is this class's."""
+        if type(self).forward is not SwiGLUExperts.forward:
+            return False  # a subclass's forward may not know ``rows_S``
         if self.backend not in ("auto", "loop") or x_ND.device.type != "cpu":
-            return None
+            return False
         backend = resolve_backend(self.backend, x_ND, max_rows_per_expert, self.w_down.dtype)
-        if backend != "loop":
-            return None
-        return self._segment_swiglu(x_ND, tokens_per_expert_E, row_weights_S, rows_S)
+        return backend == "loop"
 
     def _segment_swiglu(
         self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None

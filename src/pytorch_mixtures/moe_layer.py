@@ -199,14 +199,19 @@ class MoELayer(AuxLossModule):
         # no-op slots come back zero, as rows past the experts' counts always do
         counts_E = plan.tokens_per_expert[: self.num_experts]
         weighted = bool(getattr(self.experts, "applies_row_weights", False))
-        y_ND = None
         if weighted:
             weights_S = dispatch.sorted_weights(route, plan, route.weights.dtype)
-            rows_S = route.token_ids[plan.order]
-            y_ND = self.experts.forward_tokens(
-                x_ND, rows_S, counts_E, weights_S, max_rows_per_expert=plan.max_rows_per_expert
+        y_ND: Tensor
+        if weighted and self.experts.accepts_token_rows(x_ND, plan.max_rows_per_expert):
+            # through __call__, so hooks (and parametrizations such as pruning) still apply
+            y_ND = self.experts(
+                x_ND,
+                counts_E,
+                max_rows_per_expert=plan.max_rows_per_expert,
+                row_weights_S=weights_S,
+                rows_S=route.token_ids[plan.order],
             )
-        if y_ND is None:
+        else:
             x_sorted_SD = dispatch.permute(x_ND, route, plan)
             y_sorted_SD = self.experts(
                 x_sorted_SD,
