@@ -209,7 +209,7 @@ class GroupedRows:
         return torch.where(self.valid_S1, self.data, 0.0)
 
 
-def _bounds(counts_E: Tensor) -> list[int]:
+def group_bounds(counts_E: Tensor) -> list[int]:
     """Row offsets ``[0, c0, c0+c1, ...]`` on the host (the loop's one device sync)."""
     bounds = [0]
     for count in counts_E.tolist():
@@ -225,7 +225,7 @@ def segment_mm(x_SD: Tensor, weight_EDH: Tensor, counts_E: Tensor) -> Tensor:
     output buffer; as a custom op it is opaque to ``torch.compile`` (its host sync stays inside)
     and its backward writes each gradient once instead of summing per-slice zero-padded copies.
     """
-    bounds = _bounds(counts_E)
+    bounds = group_bounds(counts_E)
     if bounds[-1] > x_SD.shape[0]:
         raise ValueError(
             f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x_SD.shape[0]} rows"
@@ -247,7 +247,7 @@ def _(x_SD: Tensor, weight_EDH: Tensor, counts_E: Tensor) -> Tensor:
 @torch.library.custom_op("pytorch_mixtures::segment_mm_weight_grad", mutates_args=())
 def segment_mm_weight_grad(x_SD: Tensor, grad_SH: Tensor, counts_E: Tensor) -> Tensor:
     """``dW[e] = x[rows of e]^T @ grad[rows of e]``: ``[E, D, H]`` (zero for empty experts)."""
-    bounds = _bounds(counts_E)
+    bounds = group_bounds(counts_E)
     num_experts = counts_E.shape[0]
     grad_EDH = x_SD.new_empty(num_experts, x_SD.shape[-1], grad_SH.shape[-1])
     for expert in range(num_experts):
@@ -306,12 +306,10 @@ def segment_swiglu(
     matmuls, where whole-tensor passes (gate_up, activation, down) stream ``[S, 2H]`` through
     memory each time. Adds into token rows are sequential over experts: deterministic.
     """
-    bounds = _bounds(counts_E)
-    num_rows = x.shape[0] if rows_S is None else rows_S.shape[0]
-    if bounds[-1] > num_rows:
-        raise ValueError(f"tokens_per_expert: counts sum to {bounds[-1]} but x has {num_rows} rows")
     with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
-        return _segment_swiglu_impl(x, w_gate_up_ED2H, w_down_EHD, bounds, row_weights_S, rows_S)
+        return _segment_swiglu_impl(
+            x, w_gate_up_ED2H, w_down_EHD, group_bounds(counts_E), row_weights_S, rows_S
+        )
 
 
 def _segment_swiglu_impl(
@@ -323,6 +321,8 @@ def _segment_swiglu_impl(
     rows_S: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     num_rows = x.shape[0] if rows_S is None else rows_S.shape[0]
+    if bounds[-1] > num_rows:
+        raise ValueError(f"tokens_per_expert: counts sum to {bounds[-1]} but x has {num_rows} rows")
     hidden = w_down_EHD.shape[1]
     gate_up_S2H = x.new_empty(num_rows, 2 * hidden)
     gate_up_S2H[bounds[-1] :].zero_()
@@ -376,7 +376,7 @@ def segment_swiglu_backward(
     dW_down [E, H, D], d_row_weights [S])`` (the last zeros without row weights)."""
     with torch.autocast(x.device.type, enabled=False):
         return _segment_swiglu_backward_impl(
-            grad_y, x, gate_up_S2H, w_gate_up_ED2H, w_down_EHD, _bounds(counts_E),
+            grad_y, x, gate_up_S2H, w_gate_up_ED2H, w_down_EHD, group_bounds(counts_E),
             row_weights_S, rows_S,
         )  # fmt: skip
 
@@ -501,9 +501,9 @@ def _segment_swiglu_composite(
     rows_S: Tensor | None,
 ) -> Tensor:
     """:func:`segment_swiglu`'s ``y`` from differentiable ops (for higher-order gradients)."""
-    bounds = _bounds(counts_E)
+    bounds = group_bounds(counts_E)
     hidden = w_down_EHD.shape[1]
-    pieces, routed = [], []
+    pieces = []
     for expert in range(w_down_EHD.shape[0]):
         start, end = bounds[expert], bounds[expert + 1]
         if end == start:
@@ -514,7 +514,6 @@ def _segment_swiglu_composite(
         if row_weights_S is not None:
             h_nH = h_nH * row_weights_S[start:end].unsqueeze(-1)
         pieces.append(h_nH @ w_down_EHD[expert])
-        routed.append(torch.arange(start, end, device=x.device))
     dim = w_down_EHD.shape[-1]
     y_SD = torch.cat([*pieces, x.new_zeros(0, dim)])
     if rows_S is None:

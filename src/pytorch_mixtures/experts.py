@@ -26,6 +26,7 @@ from .backends import (
     Backend,
     check_backend,
     compute_dtype,
+    group_bounds,
     group_rows,
     resolve_backend,
     segment_swiglu,
@@ -57,14 +58,6 @@ def _check_int(name: str, value: object) -> int:
 
 def _scale_rows(y_SX: Tensor, weights_S: Tensor) -> Tensor:
     return y_SX * weights_S.to(y_SX.dtype).unsqueeze(-1)
-
-
-def _group_bounds(tokens_per_expert_E: Tensor) -> list[int]:
-    """Row offsets ``[0, c0, c0+c1, ...]`` on the host (one device sync)."""
-    bounds = [0]
-    for count in tokens_per_expert_E.tolist():
-        bounds.append(bounds[-1] + int(count))
-    return bounds
 
 
 class ExpertsBase(nn.Module):
@@ -121,7 +114,7 @@ class ExpertsBase(nn.Module):
         stacked experts use it for the padded ``bmm`` backend, this loop ignores it.
         """
         self._check_counts(x_SD, tokens_per_expert_E)
-        bounds = _group_bounds(tokens_per_expert_E)
+        bounds = group_bounds(tokens_per_expert_E)
         if bounds[-1] > x_SD.shape[0]:
             raise ValueError(
                 f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x_SD.shape[0]} rows"
@@ -289,6 +282,7 @@ class SwiGLUExperts(ExpertsBase):
         """``[S, D]`` sorted rows -> ``[S, D]``; with ``rows_S`` (see :meth:`accepts_token_rows`)
         ``x`` is ``[N, D]`` token rows, sorted row r reads token ``rows_S[r]``, and the weighted
         outputs are summed into ``[N, D]`` without ``[S, D]`` copies."""
+        self._check_counts(x_SD, tokens_per_expert_E)
         if rows_S is not None:
             if not self.accepts_token_rows(x_SD, max_rows_per_expert):
                 raise ValueError(
@@ -302,9 +296,7 @@ class SwiGLUExperts(ExpertsBase):
                     else type(rows_S).__name__
                 )
                 raise TypeError(f"rows_S: expected a 1-D int64 tensor, got {got}")
-            self._check_counts(x_SD, tokens_per_expert_E)
             return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, rows_S)
-        self._check_counts(x_SD, tokens_per_expert_E)
         backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
         if backend == "loop":
             return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, None)

@@ -415,7 +415,7 @@ def train(
     # MoD eval thresholds are calibrated on the windows of the steps after the run's last
     calibration = [
         corpus.train_batch(config.batch_size, config.seq_len, config.seed, config.steps + i)[0]
-        for i in range(2)
+        for i in range(2 if mod_layers(model) else 0)
     ]
     tokens_per_step = config.batch_size * config.seq_len
     train_seconds = 0.0
