@@ -21,9 +21,9 @@ from pathlib import Path
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from pytorch_mixtures.data import load_corpus
-    from pytorch_mixtures.demo import SizeConfig, run_demo
-    from pytorch_mixtures.train import TrainConfig
+    from pytorch_mixtures.app.data import load_corpus
+    from pytorch_mixtures.app.demo import SizeConfig, run_demo
+    from pytorch_mixtures.app.train import TrainConfig
 
     torch.set_num_threads(args.threads)
     corpus = load_corpus()

@@ -104,6 +104,6 @@ for capacity_factor, backend in ((None, "grouped_mm"), (1.25, "bmm")):
 PY
 
 for config in mixtral fine-xl; do
-  "$PYTHON" -m pytorch_mixtures.cli bench --config "$config" --device cuda --dtype bfloat16 \
+  "$PYTHON" -m pytorch_mixtures.app.cli bench --config "$config" --device cuda --dtype bfloat16 \
     --threads 1 --repeats 10 --warmup 3 "$@"
 done

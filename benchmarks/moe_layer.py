@@ -1,14 +1,14 @@
 """MoELayer vs the naive masked-loop MoE and the dense references: a side-by-side ratio table.
 
 Usage: ``python benchmarks/moe_layer.py --config std|fine|all [--json FILE]`` (same as
-``pytorch-mixtures bench``). See :mod:`pytorch_mixtures.bench` for what each column means.
+``pytorch-mixtures bench``). See :mod:`pytorch_mixtures.app.bench` for what each column means.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pytorch_mixtures.bench import add_bench_arguments, run_bench_cli
+from pytorch_mixtures.app.bench import add_bench_arguments, run_bench_cli
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

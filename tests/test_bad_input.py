@@ -4,8 +4,7 @@ was expected and what was received; no other exception type may escape.
 
 Each row is ``(id, call, error, fragments)``: ``call(tmp_path)`` must raise ``error`` and the
 message must contain every fragment (the argument's name, the expected and the received value).
-To cover a new public class or function, append rows (tests/test_errors.py holds the first,
-smaller table; rows here do not repeat it).
+To cover a new public class or function, append rows: this is the one bad-input table.
 """
 
 from __future__ import annotations
@@ -68,7 +67,37 @@ def experts_list(*modules: nn.Module) -> list[nn.Module]:
     return list(modules)
 
 
+class WrongShape(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :-1]
+
+
 CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
+    # --- layer construction and first checks (formerly tests/test_errors.py)
+    ("last dim", lambda t: layer()(torch.randn(2, 3, D + 1)), ValueError, (f"[..., {D}]",)),
+    ("int input", lambda t: layer()(torch.ones(2, 3, D, dtype=torch.long)), TypeError, ("floating",)),
+    ("top_k zero", lambda t: pm.TopKRouter(D, E, 0), ValueError, ("top_k",)),
+    ("top_k > E", lambda t: pm.TopKRouter(D, E, E + 1), ValueError, (f"[1, {E}]",)),
+    ("top_k float", lambda t: pm.TopKRouter(D, E, 1.5), TypeError, ("top_k",)),
+    ("capacity zero", lambda t: pm.TopKRouter(D, E, capacity_factor=0.0), ValueError, ("> 0",)),
+    ("capacity neg", lambda t: layer(capacity_factor=-1.0), ValueError, ("capacity_factor",)),
+    ("layer capacity", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(E, D, 16), 0.0), ValueError, ("capacity_factor",)),
+    ("ec capacity", lambda t: pm.ExpertChoiceRouter(D, E, 0.0), ValueError, ("capacity_factor",)),
+    ("score func", lambda t: pm.TopKRouter(D, E, score_func="tanh"), ValueError, ("score_func",)),
+    ("jitter", lambda t: pm.TopKRouter(D, E, jitter_noise=1.5), ValueError, ("jitter_noise",)),
+    ("num_experts vs experts", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(E + 1, D, 16)), ValueError, (f"{E + 1} experts",)),
+    ("num_experts kwarg", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(E, D, 16), num_experts=E + 2), ValueError, ("num_experts",)),
+    ("empty list", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), []), ValueError, ("non-empty",)),
+    ("dim mismatch", lambda t: pm.MoELayer(D + 1, pm.TopKRouter(D, E), []), ValueError, ("dim",)),
+    ("experts dim", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(E, D + 2, 16)), ValueError, ("dim",)),
+    ("no router", lambda t: pm.MoELayer(D, None, pm.MLPExperts(E, D, 16)), TypeError, ("router",)),
+    ("router type", lambda t: pm.MoELayer(D, nn.Linear(D, E), pm.MLPExperts(E, D, 16)), TypeError, ("Router",)),
+    ("not a module", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), [nn.Identity()] * (E - 1) + ["x"]), TypeError, (f"experts[{E - 1}]",)),
+    ("wrong expert output", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E, E), [nn.Identity()] * 2 + [WrongShape()] + [nn.Identity()])(torch.randn(2, 3, D)), ValueError, ("experts[2]",)),
+    ("mask shape", lambda t: layer()(torch.randn(2, 3, D), attention_mask=torch.ones(2, 4)), ValueError, ("attention_mask",)),
+    ("activation", lambda t: pm.MLPExperts(E, D, 16, activation="nope"), ValueError, ("activation",)),
+    ("hidden zero", lambda t: pm.SwiGLUExperts(E, D, 0), ValueError, ("hidden_dim",)),
+    ("heads", lambda t: pm.MHSA(10, 3), ValueError, ("num_heads",)),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),
@@ -125,7 +154,7 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("layer float64 x", lambda t: layer()(x(dtype=torch.float64)), TypeError, ("x", "torch.float32", "torch.float64")),
     ("layer bf16 x no autocast", lambda t: layer()(x(dtype=torch.bfloat16)), TypeError, ("x", "torch.float32", "torch.bfloat16")),
     ("layer x other device", lambda t: layer()(x(device="meta")), ValueError, ("x", "cpu", "meta")),
-    ("layer mask list", lambda t: layer()(x(), attention_mask=[1, 1]), ValueError, ("attention_mask", "(2, 3)", "list")),
+    ("layer mask list", lambda t: layer()(x(), attention_mask=[1, 1]), TypeError, ("attention_mask", "(2, 3)", "list")),
     ("layer mask rank", lambda t: layer()(x(), attention_mask=torch.ones(2)), ValueError, ("attention_mask", "(2, 3)", "(2,)")),
     # --- experts
     ("mlp experts zero", lambda t: pm.MLPExperts(0, D, 16), ValueError, ("num_experts", ">= 1", "got 0")),

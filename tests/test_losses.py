@@ -9,6 +9,9 @@ import torch
 
 import pytorch_mixtures as pm
 from pytorch_mixtures.losses import load_balancing_loss, router_z_loss
+from reference.routing import naive_noisy_losses, naive_sequence_balance
+
+DIM, EXPERTS = 6, 4
 
 
 def test_balance_loss_is_top_k_at_perfect_balance():
@@ -96,4 +99,70 @@ def test_router_aux_loss_uses_its_coefficients():
     torch.testing.assert_close(route.aux_loss, want)
     torch.testing.assert_close(
         route.aux_losses["load_balancing"], load_balancing_loss(route.logits, 4, 2)
+    )
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_noisy_gating_losses_match_hand_computation(top_k):
+    torch.manual_seed(3 + top_k)
+    router = pm.TopKRouter(DIM, EXPERTS, top_k, noisy_gating=True, init_std=0.7).double()
+    with torch.no_grad():
+        router.noise_gate.weight.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, DIM, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(11)
+    route = router(x, mask)
+    torch.manual_seed(11)
+    noise = torch.randn(12, EXPERTS, dtype=torch.float64)
+    importance, load = naive_noisy_losses(
+        x.reshape(-1, DIM),
+        router.gate.weight,
+        router.noise_gate.weight,
+        noise,
+        top_k,
+        token_mask=mask.reshape(-1).tolist(),
+    )
+    torch.testing.assert_close(route.aux_losses["importance"], importance.float())
+    torch.testing.assert_close(route.aux_losses["load"], load.float())
+    assert float(load.detach()) > 0 and float(importance.detach()) > 0
+    # gradients of the load loss reach both the gate and the noise weights, as by hand
+    params = [router.gate.weight, router.noise_gate.weight]
+    got = torch.autograd.grad(route.aux_losses["load"], params)
+    want = torch.autograd.grad(load, params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    expected = (
+        0.01 * route.aux_losses["load_balancing"]
+        + 0.001 * route.aux_losses["router_z"]
+        + 0.01 * route.aux_losses["importance"]
+        + 0.01 * route.aux_losses["load"]
+    )
+    torch.testing.assert_close(route.aux_loss, expected)
+
+
+def test_cv_squared_by_hand():
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population variance 3.5
+    torch.testing.assert_close(pm.balancing.cv_squared(values), torch.tensor(3.5 / 9.0))
+    assert float(pm.balancing.cv_squared(torch.full((5,), 2.0))) == 0.0
+
+
+def test_sequence_balance_loss_matches_naive_with_padding():
+    torch.manual_seed(4)
+    router = pm.TopKRouter(DIM, EXPERTS, 2, balance="sequence", init_std=1.0).double()
+    x = torch.randn(3, 5, DIM, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    route = router(x, mask)
+    chosen = route.expert_ids.view(3, 5, 2).tolist()
+    probs = (x @ router.gate.weight.T).softmax(-1)  # computed apart from the router
+    want = naive_sequence_balance(probs, chosen, mask)
+    torch.testing.assert_close(route.aux_losses["load_balancing"], want.float())
+    (g_got,) = torch.autograd.grad(route.aux_losses["load_balancing"], [router.gate.weight])
+    (g_want,) = torch.autograd.grad(want, [router.gate.weight])
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    # one sequence: the batch and sequence forms agree
+    batch_router = pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0).double()
+    batch_router.load_state_dict(router.state_dict())
+    torch.testing.assert_close(
+        router(x[1:2]).aux_losses["load_balancing"],
+        batch_router(x[1:2]).aux_losses["load_balancing"],
     )

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pytorch_mixtures as pm
-from naive import expert_fns, naive_expert_choice_moe, naive_topk_moe
+from reference.moe import expert_fns, naive_expert_choice_moe, naive_topk_moe
 
 DIM, EXPERTS, HIDDEN = 6, 4, 10
 
@@ -35,6 +35,12 @@ def run_and_grad(fn, x: torch.Tensor, params: list[torch.Tensor], seed: int = 0)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     (out * probe).sum().backward()
     return out.detach(), grads([x, *params])
+
+
+def assert_same(got, want, grads_got, grads_want):
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
 TOPK_CASES = [
@@ -352,3 +358,30 @@ def test_jitter_noise_only_in_training():
 def test_router_init_is_small():
     router = pm.TopKRouter(512, 8)
     assert float(router.gate.weight.detach().std()) < 0.05
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_exactly_added(gated):
+    torch.manual_seed(10)
+    shared = nn.Sequential(nn.Linear(DIM, 12), nn.GELU(), nn.Linear(12, DIM))
+    router = pm.TopKRouter(DIM, EXPERTS, 2)
+    experts = make_experts("swiglu")
+    moe = pm.MoELayer(DIM, router, experts, shared_experts=shared, shared_expert_gate=gated)
+    plain = pm.MoELayer(DIM, router, experts)
+    moe, plain = moe.double(), plain.double()
+    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    params = list(moe.parameters())
+    y, g = run_and_grad(lambda inp: moe(inp, mask), x, params)
+
+    def reference(inp):
+        out = shared(inp)
+        if gated:
+            out = torch.sigmoid(inp @ moe.shared_expert_gate.weight.T) * out
+        return plain(inp, mask) + out * mask.unsqueeze(-1)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    assert (moe.shared_expert_gate is not None) == gated
+    with pytest.raises(ValueError, match="shared_expert_gate"):
+        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), shared_expert_gate=True)

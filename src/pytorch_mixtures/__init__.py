@@ -11,30 +11,45 @@ Quick start::
 """
 
 from . import (
+    attention,
+    backends,
     balancing,
     checks,
+    depth,
     dispatch,
     distributed,
     experts,
+    files,
     interop,
+    kernels,
     losses,
     mod,
+    models,
+    moe_layer,
     routers,
     routing,
     soft_moe,
     stats,
     telemetry,
 )
+from .attention import MHSA
+from .depth import MixtureOfDepths, MoDLayer, MoDStats, calibrate_thresholds
 from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
+from .interop.adapters import HFDecoderLayerAdapter
 from .losses import aux_loss
-from .mod import HFDecoderLayerAdapter, MixtureOfDepths, MoDLayer, MoDStats, calibrate_thresholds
 from .moe_layer import MoELayer
-from .routers import HashRouter, UniformRouter, update_expert_bias
-from .routing import ExpertChoiceRouter, Router, RouterOutput, TopKRouter, TopkRouter
+from .routing import (
+    ExpertChoiceRouter,
+    HashRouter,
+    Router,
+    RouterOutput,
+    TopKRouter,
+    TopkRouter,
+    UniformRouter,
+    update_expert_bias,
+)
 from .soft_moe import SoftMoE
-from .stats import RoutingStats
-from .telemetry import plot_expert_load, routing_stats
-from .utils import MHSA
+from .stats import RoutingStats, plot_expert_load, routing_stats
 
 __version__ = "0.2.0"
 
@@ -58,16 +73,23 @@ __all__ = [
     "TopkRouter",
     "UniformRouter",
     "__version__",
+    "attention",
     "aux_loss",
+    "backends",
     "balancing",
     "calibrate_thresholds",
     "checks",
+    "depth",
     "dispatch",
     "distributed",
     "experts",
+    "files",
     "interop",
+    "kernels",
     "losses",
     "mod",
+    "models",
+    "moe_layer",
     "plot_expert_load",
     "routers",
     "routing",

@@ -1,16 +1,21 @@
-"""Reliability helpers: clear errors for bad inputs, non-finite values, files and checkpoints.
+"""The one validator set: clear errors for bad arguments and inputs, named by argument.
 
-* :func:`name_layers` gives every library layer inside a model its qualified module name, so
-  errors (``MoELayer(check_finite=True)``) say which layer failed.
-* :func:`check_input_matches` rejects an input on another device, or of another dtype than the
-  layer's parameters outside autocast, before an opaque matmul error does.
-* :func:`raise_if_nonfinite` is the ``check_finite`` test.
-* :func:`readable_file` and :func:`load_state_dict_file` validate user-given paths and load
-  checkpoints safely (``torch.load(weights_only=True)`` or safetensors, never plain pickle).
+Every public class and function validates through these, so the same mistake gets the same
+message everywhere: ``"<argument>: expected <what>, got <value>"``, a ``TypeError`` for the
+wrong kind of value and a ``ValueError`` for a value out of range or of the wrong shape.
+
+* Scalars: :func:`check_int`, :func:`check_nonnegative_float`, :func:`check_capacity_factor`.
+* Tensors: :func:`check_features` (``x``), :func:`check_mask` (``attention_mask``),
+  :func:`check_shape` (``position_ids`` and other per-token tensors), :func:`check_token_ids`,
+  :func:`check_input_matches` (device and dtype against a layer's parameters).
+* Runtime: :func:`raise_if_nonfinite` (``check_finite=True``), :func:`name_layers` /
+  :func:`layer_label` (which layer failed).
+* Paths: :func:`readable_file`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,13 +23,171 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "check_capacity_factor",
+    "check_features",
     "check_input_matches",
+    "check_int",
+    "check_mask",
+    "check_nonnegative_float",
+    "check_shape",
+    "check_token_ids",
     "layer_label",
     "load_state_dict_file",
     "name_layers",
     "raise_if_nonfinite",
     "readable_file",
 ]
+
+
+def _kind(value: object) -> str:
+    """What a value is, for "got ..." (a tensor's dtype, else its type's name)."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
+# --- scalars -------------------------------------------------------------------------------
+
+
+def check_int(name: str, value: object, low: int = 1, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]`` (``high=None``: no bound)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an integer {bounds}, got {value}")
+    return value
+
+
+def check_nonnegative_float(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number >= 0 (loss weights, rates, noise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    return float(value)
+
+
+def check_capacity_factor(value: object, allow_none: bool = True) -> float | None:
+    """A capacity factor: None (dropless, when allowed) or a finite float > 0."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"capacity_factor: expected a positive float or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"capacity_factor: expected a finite value > 0, got {value}")
+    return float(value)
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+
+def check_features(x: object, dim: int, ranks: tuple[int, ...] | None, layout: str) -> Tensor:
+    """``x`` if it is a floating-point tensor ``[..., dim]`` of one of ``ranks`` dimensions.
+
+    Args:
+        x: the input.
+        dim: the required last dimension D.
+        ranks: allowed numbers of dimensions (None: any with at least one).
+        layout: the expected shape as the message shows it, e.g. ``"[B, T, 512] or [N, 512]"``.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point Tensor {layout}, got {_kind(x)}")
+    rank_ok = x.dim() >= 1 if ranks is None else x.dim() in ranks
+    if not rank_ok or x.shape[-1] != dim:
+        raise ValueError(f"x: expected shape {layout}, got {tuple(x.shape)}")
+    return x
+
+
+def check_mask(
+    attention_mask: object, x: Tensor, shapes: tuple[tuple[int, ...], ...]
+) -> Tensor | None:
+    """A padding mask (1 = token, 0 = padding) of one of ``shapes``, as bool; None stays None.
+
+    Args:
+        attention_mask: the mask, or None.
+        x: the input it masks (the mask must be on its device).
+        shapes: accepted shapes; the first is the one the message names.
+    """
+    if attention_mask is None:
+        return None
+    expected = tuple(shapes[0])
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"attention_mask: expected a Tensor of shape {expected} (1 = token, 0 = padding), "
+            f"got {type(attention_mask).__name__}"
+        )
+    if tuple(attention_mask.shape) not in {tuple(s) for s in shapes}:
+        raise ValueError(
+            f"attention_mask: expected shape {expected} (1 = token, 0 = padding), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.is_complex():
+        raise TypeError(
+            f"attention_mask: expected a bool, integer or float 0/1 tensor, "
+            f"got {attention_mask.dtype}"
+        )
+    if attention_mask.device != x.device:
+        raise ValueError(
+            f"attention_mask: expected a tensor on {x.device} (as x), "
+            f"got one on {attention_mask.device}"
+        )
+    return attention_mask.bool()
+
+
+def check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor | None:
+    """``value`` if it is None or a tensor of exactly ``shape`` (per-token side inputs)."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name}: expected a Tensor of shape {tuple(shape)}, got {type(value).__name__}"
+        )
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+    return value
+
+
+def check_token_ids(token_ids: object, shape: tuple[int, ...], vocab_size: int) -> Tensor:
+    """Token ids for ``shape`` tokens, integers in ``[0, vocab_size)``; returned flat int64."""
+    if token_ids is None:
+        raise ValueError(
+            "token_ids: HashRouter routes on token ids; pass them as "
+            "moe(x, token_ids=input_ids) or router(x, token_ids=input_ids)"
+        )
+    if not isinstance(token_ids, Tensor) or token_ids.is_floating_point():
+        raise TypeError(f"token_ids: expected an integer Tensor, got {_kind(token_ids)}")
+    if token_ids.numel() != math.prod(shape):
+        raise ValueError(
+            f"token_ids: expected shape {tuple(shape)} (one id per token), "
+            f"got {tuple(token_ids.shape)}"
+        )
+    ids_N = token_ids.reshape(-1).long()
+    if ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= vocab_size):
+        raise ValueError(
+            f"token_ids: expected ids in [0, {vocab_size}), "
+            f"got min {int(ids_N.min())}, max {int(ids_N.max())}"
+        )
+    return ids_N
+
+
+def check_input_matches(x: Tensor, module: nn.Module) -> None:
+    """Raise if ``x`` is on another device than ``module``'s parameters, or (outside autocast)
+    of another floating dtype."""
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return
+    if x.device != param.device:
+        raise ValueError(
+            f"x: expected a tensor on {param.device} (the layer's parameters), "
+            f"got one on {x.device}"
+        )
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x: expected dtype {param.dtype} (the layer's parameters), got {x.dtype}; "
+            "cast the input or the layer, or run under torch.autocast"
+        )
+
+
+# --- runtime -------------------------------------------------------------------------------
 
 
 def name_layers(model: nn.Module) -> nn.Module:
@@ -46,24 +209,6 @@ def layer_label(module: nn.Module) -> str:
     return f"{type(module).__name__} at {id(module):#x} (name it with pm.checks.name_layers)"
 
 
-def check_input_matches(x: Tensor, module: nn.Module) -> None:
-    """Raise if ``x`` is on another device than ``module``'s parameters, or (outside autocast)
-    of another floating dtype."""
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if param is None:
-        return
-    if x.device != param.device:
-        raise ValueError(
-            f"x: expected a tensor on {param.device} (the layer's parameters), "
-            f"got one on {x.device}"
-        )
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(
-            f"x: expected dtype {param.dtype} (the layer's parameters), got {x.dtype}; "
-            "cast the input or the layer, or run under torch.autocast"
-        )
-
-
 def raise_if_nonfinite(module: nn.Module, what: str, tensor: Tensor) -> None:
     """Raise ``FloatingPointError`` naming ``module`` if ``tensor`` ``[..., D]`` holds NaN/inf.
 
@@ -77,6 +222,9 @@ def raise_if_nonfinite(module: nn.Module, what: str, tensor: Tensor) -> None:
             f"{layer_label(module)}: non-finite {what}: {count} of {bad_rows.numel()} tokens "
             f"hold NaN or inf (first: token {first} of the flattened [N, D] view)"
         )
+
+
+# --- paths ---------------------------------------------------------------------------------
 
 
 def readable_file(path: str | os.PathLike[str], argument: str) -> Path:
@@ -103,35 +251,7 @@ def readable_file(path: str | os.PathLike[str], argument: str) -> Path:
 def load_state_dict_file(
     path: str | os.PathLike[str], argument: str = "checkpoint"
 ) -> dict[str, Tensor]:
-    """Load a state dict safely: ``*.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)`` (tensors and plain containers only, no code execution).
+    """Moved to :func:`pytorch_mixtures.files.load_state_dict_file` (kept here for old callers)."""
+    from .files import load_state_dict_file as load
 
-    Raises ``ValueError`` naming ``argument`` for a missing, empty or unreadable file, or one
-    that holds no state dict.
-    """
-    file = readable_file(path, argument)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state: object = load_file(str(file))
-        except Exception as err:
-            raise ValueError(
-                f"{argument}: expected a safetensors file, got {str(file)!r} ({err})"
-            ) from err
-    else:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"{argument}: expected a checkpoint written by torch.save (tensors only), "
-                f"got {str(file)!r} ({type(err).__name__}: {err})"
-            ) from err
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise ValueError(
-            f"{argument}: expected a state dict (str -> Tensor), got {type(state).__name__} "
-            f"from {str(file)!r}"
-        )
-    return state
+    return load(path, argument)

@@ -1,8 +1,20 @@
-"""Sort-based dispatch: permute slots so each expert's rows are contiguous, then un-permute.
+"""Dispatch: route -> expert-sorted rows -> experts -> weighted sum per token.
+
+:func:`run_experts` is the whole data path of a sparse layer after the router::
+
+    plan = plan_dispatch(route, ...)         # sort slots by expert, backend resolved once
+    y_SD = experts(permute(x_ND, plan), ...)  # experts run on contiguous slices
+    y_ND = combine(y_SD, plan)                # the combine weights are applied here
 
 No ``[tokens, experts, capacity]`` one-hot tensors: slots are argsorted by expert (stable, so
 rows keep token order within an expert), experts run on contiguous slices, and outputs are
 scattered back and summed per token. Everything is deterministic on CPU.
+
+The combine weights live on the plan (``plan.weights``, computed once here) and are applied in
+:func:`combine`. The one exception is an experts module that fuses the combine into its kernel
+(``experts.fuses_combine``: SwiGLU experts on CPU's loop backend, ScatterMoE's idea): it then
+reads token rows itself and applies ``plan.weights`` inside the kernel, so neither the gathered
+``[S, D]`` input nor the per-slot output exists.
 
 Shape legend: N tokens, D model dim, E experts, K slots per token, S slots.
 """
@@ -10,36 +22,54 @@ Shape legend: N tokens, D model dim, E experts, K slots per token, S slots.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .backends import ConcreteBackend
 from .routing import RouterOutput
 
-__all__ = ["DispatchPlan", "combine", "permute", "plan_dispatch", "sorted_weights"]
+if TYPE_CHECKING:
+    from .experts import ExpertsBase
+
+__all__ = ["DispatchPlan", "combine", "permute", "plan_dispatch", "run_experts"]
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where each slot goes in the expert-sorted layout.
+    """Where each slot goes in the expert-sorted layout, and how outputs come back.
 
     Attributes:
         order: ``[S]`` int64; ``order[i]`` is the slot at sorted row i. Kept slots come first,
             grouped by expert in increasing expert id; dropped slots follow.
         tokens_per_expert: ``[E]`` int64, kept rows per expert (row counts of the groups).
-        num_kept: 0-dim int64 tensor, ``tokens_per_expert.sum()``.
+        token_rows: ``[S]`` int64, the token each sorted row reads (and adds its output into).
+        weights: ``[S]`` combine weight of each sorted row (the router's dtype), zero for
+            dropped slots.
+        num_tokens: N.
+        slots_per_token: K for token-major routings (top-k), else None.
         max_rows_per_expert: a static upper bound on every ``tokens_per_expert`` entry when the
             routing has a fixed capacity (top-k with an int capacity: ``min(C, N)``; expert
             choice: ``S // E``), else None. Lets experts use padded ``[E, C, D]`` batches.
+        backend: the concrete grouped-matmul backend the experts run with (resolved once).
+        fuse_combine: True when the experts read token rows and apply the combine themselves.
     """
 
     order: Tensor
     tokens_per_expert: Tensor
-    num_kept: Tensor
+    token_rows: Tensor
+    weights: Tensor
+    num_tokens: int
+    slots_per_token: int | None
     max_rows_per_expert: int | None = None
+    backend: ConcreteBackend = "loop"
+    fuse_combine: bool = False
 
 
-def plan_dispatch(route: RouterOutput) -> DispatchPlan:
+def plan_dispatch(
+    route: RouterOutput, *, backend: ConcreteBackend = "loop", fuse_combine: bool = False
+) -> DispatchPlan:
     """Sort the router's slots by expert; dropped and padding slots go last."""
     if not isinstance(route, RouterOutput):
         raise TypeError(f"route: expected a RouterOutput, got {type(route).__name__}")
@@ -49,13 +79,21 @@ def plan_dispatch(route: RouterOutput) -> DispatchPlan:
     # scatter_add, not bincount: a static output shape keeps torch.compile graphs whole
     ones_S = torch.ones_like(sort_key_S)
     counts_E1 = sort_key_S.new_zeros(num_experts + 1).scatter_add_(0, sort_key_S, ones_S)
-    tokens_per_expert_E = counts_E1[:num_experts]
     return DispatchPlan(
-        order_S, tokens_per_expert_E, tokens_per_expert_E.sum(), _max_rows_per_expert(route)
+        order=order_S,
+        tokens_per_expert=counts_E1[:num_experts],
+        token_rows=route.token_ids[order_S],
+        weights=torch.where(route.kept, route.weights, 0.0)[order_S],
+        num_tokens=route.num_tokens,
+        slots_per_token=route.slots_per_token,
+        max_rows_per_expert=max_rows_per_expert(route),
+        backend=backend,
+        fuse_combine=fuse_combine,
     )
 
 
-def _max_rows_per_expert(route: RouterOutput) -> int | None:
+def max_rows_per_expert(route: RouterOutput) -> int | None:
+    """A static bound on any expert's row count, known when the capacity is a Python int."""
     if not isinstance(route.capacity, int):
         return None  # dropless, or a capacity only known on the device
     if route.slots_per_token is None:  # expert choice: exactly S / E slots per expert
@@ -64,49 +102,54 @@ def _max_rows_per_expert(route: RouterOutput) -> int | None:
     return min(route.capacity, route.num_tokens)
 
 
-def permute(x_ND: Tensor, route: RouterOutput, plan: DispatchPlan) -> Tensor:
+def permute(x_ND: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather token rows into expert-sorted slot order: ``[N, D] -> [S, D]``.
 
-    Rows past ``plan.num_kept`` belong to dropped slots; experts must ignore them.
+    Rows past ``tokens_per_expert.sum()`` belong to dropped slots; experts treat them as padding.
     """
     # index_select, not x[idx]: the same gather, measurably faster on CPU
-    return x_ND.index_select(0, route.token_ids[plan.order])
+    return x_ND.index_select(0, plan.token_rows)
 
 
-def sorted_weights(route: RouterOutput, plan: DispatchPlan, dtype: torch.dtype) -> Tensor:
-    """Combine weight of each expert-sorted row, ``[S]`` in ``dtype``; zero for dropped slots."""
-    return torch.where(route.kept, route.weights.to(dtype), 0.0)[plan.order]
+def combine(y_sorted_SD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Weight the expert outputs and sum each token's slots: ``[S, D] -> [N, D]``.
 
+    Dropped slots contribute exactly zero: their weight is zero and their rows, which experts
+    treat as padding, are zero by the experts' contract.
 
-def combine(
-    y_sorted_SD: Tensor, route: RouterOutput, plan: DispatchPlan, *, weighted: bool = False
-) -> Tensor:
-    """Un-permute expert outputs and sum each token's weighted slots: ``[S, D] -> [N, D]``.
-
-    ``weighted=True``: the rows already carry their combine weights (experts that apply
-    :func:`sorted_weights` themselves, where their tensors are narrowest), so they are only
-    summed. Dropped slots contribute exactly zero: their weight is zero and their rows, which
-    experts treat as padding, are zero by the experts' contract.
-
-    On CPU the sorted rows are added straight into their tokens with ``index_add_``
+    On CPU the weighted sorted rows are added straight into their tokens with ``index_add_``
     (deterministic there, and several times faster than un-permuting ``[S, D]`` first: random
     row gathers over S rows miss the cache, adds into N rows do not). Elsewhere token-major
     routings (top-k) are un-permuted and summed over a ``[N, K, D]`` view, which is
     deterministic on every device; other routings use ``index_add_``.
     """
-    num_tokens, dim = route.num_tokens, y_sorted_SD.shape[-1]
-    k = route.slots_per_token
+    num_tokens, dim = plan.num_tokens, y_sorted_SD.shape[-1]
+    weights_S1 = plan.weights.to(y_sorted_SD.dtype).unsqueeze(-1)
+    k = plan.slots_per_token
     if k is None or y_sorted_SD.device.type == "cpu":
-        if not weighted:
-            weights_S = sorted_weights(route, plan, y_sorted_SD.dtype)
-            y_sorted_SD = y_sorted_SD * weights_S.unsqueeze(-1)
         out_ND = y_sorted_SD.new_zeros(num_tokens, dim)
-        return out_ND.index_add_(0, route.token_ids[plan.order], y_sorted_SD)
+        return out_ND.index_add_(0, plan.token_rows, y_sorted_SD * weights_S1)
     y_SD = torch.empty_like(y_sorted_SD)
-    y_SD[plan.order] = y_sorted_SD
-    y_NKD = y_SD.view(num_tokens, k, dim)
-    if weighted:
-        return y_NKD.sum(dim=1)
-    weights_S = torch.where(route.kept, route.weights.to(y_SD.dtype), 0.0)
-    # multiply-and-sum, not a [N,1,K] @ [N,K,D] bmm: bmm's backward loops per token on CPU
-    return (y_NKD * weights_S.view(num_tokens, k, 1)).sum(dim=1)
+    y_SD[plan.order] = y_sorted_SD * weights_S1
+    # a sum over a [N, K, D] view, not a [N,1,K] @ [N,K,D] bmm: bmm's backward loops per token
+    return y_SD.view(num_tokens, k, dim).sum(dim=1)
+
+
+def run_experts(
+    experts: ExpertsBase, x_ND: Tensor, route: RouterOutput
+) -> tuple[Tensor, DispatchPlan]:
+    """Dispatch ``x_ND`` ``[N, D]`` by ``route``, run ``experts``, combine: ``[N, D]`` out.
+
+    The experts' backend is resolved once here for this call shape and carried on the plan.
+    Slots routed past ``experts.num_experts`` (no-op experts, which sort last) run nothing and
+    add zero. Returns the output (in the experts' compute dtype) and the plan (for statistics).
+    """
+    backend = experts.resolve_backend(x_ND, max_rows_per_expert(route))
+    fuse = experts.fuses_combine(x_ND, backend)
+    plan = plan_dispatch(route, backend=backend, fuse_combine=fuse)
+    counts_E = plan.tokens_per_expert[: experts.num_experts]
+    # through __call__, so hooks (and parametrizations such as pruning) still apply
+    if plan.fuse_combine:
+        return experts(x_ND, counts_E, plan=plan), plan
+    y_sorted_SD = experts(permute(x_ND, plan), counts_E, plan=plan)
+    return combine(y_sorted_SD, plan), plan

@@ -1,22 +1,25 @@
 """Experts: E feed-forward networks applied to expert-sorted rows.
 
-Every experts module has the same call: ``experts(x_SD, tokens_per_expert_E) -> y_SD`` where
-the rows of ``x_SD`` are grouped by expert (the first ``tokens_per_expert[0]`` rows go to
-expert 0, the next to expert 1, ...), as :mod:`pytorch_mixtures.dispatch` lays them out.
-Rows past ``tokens_per_expert.sum()`` are padding: their output is zero.
+Every experts module has one call, ``experts(x_SD, tokens_per_expert_E) -> y_SD``, where the
+rows of ``x_SD`` are grouped by expert (the first ``tokens_per_expert[0]`` rows go to expert 0,
+the next to expert 1, ...), as :mod:`pytorch_mixtures.dispatch` lays them out. Rows past
+``tokens_per_expert.sum()`` are padding: their output is zero. Outputs are not weighted: the
+dispatcher's combine applies the router's weights. Inside a layer the dispatcher also passes its
+``plan`` (the backend it resolved for the call, the capacity bound, and, for experts that fuse
+the combine, the token rows and weights).
 
 * :class:`MLPExperts` and :class:`SwiGLUExperts` keep the E experts' weights stacked as
   ``[E, ...]`` tensors (the layout grouped-matmul kernels want).
 * :class:`ModuleListExperts` wraps any list of ``nn.Module`` mapping ``[n, D] -> [n, D]``.
 
-Shape legend: S rows, D model dim, H expert hidden dim, E experts.
+Shape legend: S rows, N tokens, D model dim, H expert hidden dim, E experts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +27,17 @@ from torch import Tensor, nn
 
 from .backends import (
     Backend,
+    ConcreteBackend,
     check_backend,
     compute_dtype,
-    group_bounds,
     group_rows,
     resolve_backend,
-    segment_swiglu,
 )
+from .checks import check_int
+from .kernels import group_bounds, segment_swiglu
+
+if TYPE_CHECKING:
+    from .dispatch import DispatchPlan
 
 __all__ = ["ExpertsBase", "MLPExperts", "ModuleListExperts", "SwiGLUExperts", "as_experts"]
 
@@ -48,41 +55,42 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value}")
-    return value
-
-
-def _scale_rows(y_SX: Tensor, weights_S: Tensor) -> Tensor:
-    return y_SX * weights_S.to(y_SX.dtype).unsqueeze(-1)
-
-
 class ExpertsBase(nn.Module):
-    """Interface of experts: ``forward(x_SD, tokens_per_expert_E) -> y_SD``.
+    """Interface of experts.
 
-    Subclasses implement :meth:`expert_forward` (one expert on its rows); the default
-    ``forward`` loops over experts on contiguous slices (the sorted-slice backend).
+    ``forward(x, tokens_per_expert_E, *, max_rows_per_expert=None, plan=None) -> y`` maps
+    ``[S, D]`` expert-sorted rows to ``[S, D]`` unweighted outputs (padding rows zero).
+    ``max_rows_per_expert`` (C) is an upper bound on every count, known in capacity mode (the
+    padded ``bmm`` backend needs it); inside a layer the dispatcher passes its ``plan``
+    instead, which carries C and the backend it resolved. When ``plan.fuse_combine`` is True
+    (only for experts whose :meth:`fuses_combine` said so), ``x`` is the ``[N, D]`` token rows
+    and the result is the combined ``[N, D]`` output.
     """
 
     num_experts: int
     dim: int
-    #: True for experts whose ``forward`` takes ``row_weights_S`` ``[S]`` and returns rows
-    #: already multiplied by them (the combine weights), so they can apply the weights where
-    #: their tensors are narrowest; :class:`~pytorch_mixtures.MoELayer` then only sums.
-    applies_row_weights: ClassVar[bool] = False
+    #: grouped-matmul backend (see :mod:`pytorch_mixtures.backends`); stacked experts take it
+    #: as an argument, a module list always loops
+    backend: Backend = "loop"
 
-    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
-        raise NotImplementedError
+    def resolve_backend(self, x: Tensor, max_rows_per_expert: int | None) -> ConcreteBackend:
+        """The concrete backend for a call on ``x`` (``"auto"`` resolved, choices checked)."""
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        weight_dtype = x.dtype if param is None else param.dtype
+        return resolve_backend(self.backend, x, max_rows_per_expert, weight_dtype)
 
-    def accepts_token_rows(self, x_ND: Tensor, max_rows_per_expert: int | None) -> bool:
-        """Whether ``forward`` can take token rows for this call: ``forward(x_ND, counts,
-        rows_S=..., row_weights_S=...)`` with ``x_ND`` ``[N, D]`` and the token of each sorted
-        row, returning the weighted, summed ``[N, D]`` output. False (the default): the caller
-        permutes rows, calls ``forward`` on ``[S, D]`` and combines."""
+    def fuses_combine(self, x_ND: Tensor, backend: ConcreteBackend) -> bool:
+        """Whether, for this call, ``forward`` reads token rows and applies the dispatcher's
+        combine itself (``plan.fuse_combine``). False unless a subclass fuses it."""
         return False
+
+    def _call_backend(
+        self, x: Tensor, max_rows_per_expert: int | None, plan: DispatchPlan | None
+    ) -> tuple[ConcreteBackend, int | None]:
+        """The backend and capacity bound of one call: the plan's, or resolved here."""
+        if plan is not None:
+            return plan.backend, plan.max_rows_per_expert
+        return self.resolve_backend(x, max_rows_per_expert), max_rows_per_expert
 
     def _check_counts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> None:
         if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
@@ -103,29 +111,13 @@ class ExpertsBase(nn.Module):
 
     def forward(
         self,
-        x_SD: Tensor,
+        x: Tensor,
         tokens_per_expert_E: Tensor,
         *,
         max_rows_per_expert: int | None = None,
+        plan: DispatchPlan | None = None,
     ) -> Tensor:
-        """``[S, D]`` expert-sorted rows -> ``[S, D]`` outputs (padding rows zero).
-
-        ``max_rows_per_expert`` (C) is an upper bound on every count, known in capacity mode;
-        stacked experts use it for the padded ``bmm`` backend, this loop ignores it.
-        """
-        self._check_counts(x_SD, tokens_per_expert_E)
-        bounds = group_bounds(tokens_per_expert_E)
-        if bounds[-1] > x_SD.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x_SD.shape[0]} rows"
-            )
-        pieces = [
-            self.expert_forward(expert, x_SD[bounds[expert] : bounds[expert + 1]])
-            for expert in range(self.num_experts)
-            if bounds[expert + 1] > bounds[expert]
-        ]
-        pieces.append(x_SD.new_zeros(x_SD.shape[0] - bounds[-1], self.dim))
-        return torch.cat(pieces, dim=0)
+        raise NotImplementedError
 
     def _load_from_state_dict(
         self,
@@ -169,8 +161,6 @@ class MLPExperts(ExpertsBase):
             assigning ``experts.backend``.
     """
 
-    applies_row_weights: ClassVar[bool] = True
-
     def __init__(
         self,
         num_experts: int,
@@ -183,9 +173,9 @@ class MLPExperts(ExpertsBase):
     ) -> None:
         super().__init__()
         self.backend: Backend = check_backend(backend)
-        self.num_experts = _check_int("num_experts", num_experts)
-        self.dim = _check_int("dim", dim)
-        self.hidden_dim = _check_int("hidden_dim", hidden_dim)
+        self.num_experts = check_int("num_experts", num_experts)
+        self.dim = check_int("dim", dim)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim)
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
@@ -207,27 +197,18 @@ class MLPExperts(ExpertsBase):
 
     def forward(
         self,
-        x_SD: Tensor,
+        x: Tensor,
         tokens_per_expert_E: Tensor,
         *,
         max_rows_per_expert: int | None = None,
-        row_weights_S: Tensor | None = None,
+        plan: DispatchPlan | None = None,
     ) -> Tensor:
-        self._check_counts(x_SD, tokens_per_expert_E)
-        backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_in.dtype)
-        rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
+        """``[S, D]`` expert-sorted rows -> ``[S, D]`` unweighted outputs (padding rows zero)."""
+        self._check_counts(x, tokens_per_expert_E)
+        backend, max_rows = self._call_backend(x, max_rows_per_expert, plan)
+        rows = group_rows(x, tokens_per_expert_E, backend, max_rows)
         hidden = rows.linear(self.w_in, self.b_in).map(self._act)
-        y_SD = hidden.linear(self.w_out, self.b_out).rows()
-        return y_SD if row_weights_S is None else _scale_rows(y_SD, row_weights_S)
-
-    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
-        h_nH = x_nD @ self.w_in[expert]
-        if self.b_in is not None:
-            h_nH = h_nH + self.b_in[expert]
-        y_nD = self._act(h_nH) @ self.w_out[expert]
-        if self.b_out is not None:
-            y_nD = y_nD + self.b_out[expert]
-        return y_nD
+        return hidden.linear(self.w_out, self.b_out).rows()
 
     def extra_repr(self) -> str:
         return (
@@ -235,6 +216,11 @@ class MLPExperts(ExpertsBase):
             f"activation={self.activation!r}, bias={self.b_in is not None}, "
             f"backend={self.backend!r}"
         )
+
+
+def _swiglu(gate_up_n2H: Tensor) -> Tensor:
+    gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)
+    return F.silu(gate_nH) * up_nH
 
 
 class SwiGLUExperts(ExpertsBase):
@@ -252,16 +238,14 @@ class SwiGLUExperts(ExpertsBase):
             assigning ``experts.backend``.
     """
 
-    applies_row_weights: ClassVar[bool] = True
-
     def __init__(
         self, num_experts: int, dim: int, hidden_dim: int, *, backend: Backend = "auto"
     ) -> None:
         super().__init__()
         self.backend: Backend = check_backend(backend)
-        self.num_experts = _check_int("num_experts", num_experts)
-        self.dim = _check_int("dim", dim)
-        self.hidden_dim = _check_int("hidden_dim", hidden_dim)
+        self.num_experts = check_int("num_experts", num_experts)
+        self.dim = check_int("dim", dim)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
@@ -272,58 +256,34 @@ class SwiGLUExperts(ExpertsBase):
 
     def forward(
         self,
-        x_SD: Tensor,
+        x: Tensor,
         tokens_per_expert_E: Tensor,
         *,
         max_rows_per_expert: int | None = None,
-        row_weights_S: Tensor | None = None,
-        rows_S: Tensor | None = None,
+        plan: DispatchPlan | None = None,
     ) -> Tensor:
-        """``[S, D]`` sorted rows -> ``[S, D]``; with ``rows_S`` (see :meth:`accepts_token_rows`)
-        ``x`` is ``[N, D]`` token rows, sorted row r reads token ``rows_S[r]``, and the weighted
-        outputs are summed into ``[N, D]`` without ``[S, D]`` copies."""
-        self._check_counts(x_SD, tokens_per_expert_E)
-        if rows_S is not None:
-            if not self.accepts_token_rows(x_SD, max_rows_per_expert):
+        """``[S, D]`` expert-sorted rows -> ``[S, D]`` unweighted outputs (padding rows zero);
+        with a fused-combine plan, ``[N, D]`` token rows -> ``[N, D]`` combined output."""
+        self._check_counts(x, tokens_per_expert_E)
+        backend, max_rows = self._call_backend(x, max_rows_per_expert, plan)
+        if plan is not None and plan.fuse_combine:
+            if not self.fuses_combine(x, backend):
                 raise ValueError(
-                    "rows_S: token rows need the 'loop' backend on CPU (accepts_token_rows); "
-                    f"got backend={self.backend!r} on {x_SD.device.type}"
+                    "plan: a fused combine needs the 'loop' backend on CPU (fuses_combine); "
+                    f"got backend={backend!r} on {x.device.type}"
                 )
-            if not isinstance(rows_S, Tensor) or rows_S.dim() != 1 or rows_S.dtype != torch.long:
-                got = (
-                    f"{rows_S.dtype} {tuple(rows_S.shape)}"
-                    if isinstance(rows_S, Tensor)
-                    else type(rows_S).__name__
-                )
-                raise TypeError(f"rows_S: expected a 1-D int64 tensor, got {got}")
-            return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, rows_S)
-        backend = resolve_backend(self.backend, x_SD, max_rows_per_expert, self.w_down.dtype)
+            return self._segment_swiglu(x, tokens_per_expert_E, plan.weights, plan.token_rows)
         if backend == "loop":
-            return self._segment_swiglu(x_SD, tokens_per_expert_E, row_weights_S, None)
-        rows = group_rows(x_SD, tokens_per_expert_E, backend, max_rows_per_expert)
-        hidden = rows.linear(self.w_gate_up).map(self._swiglu)
-        # (w h) W = w (h W): weight the narrower of hidden [S, H] and output [S, D]
-        weight_hidden = (
-            row_weights_S is not None and self.hidden_dim < self.dim and hidden.row_ordered
-        )
-        if weight_hidden:
-            assert row_weights_S is not None
-            weights = row_weights_S
-            hidden = hidden.map(lambda h_SH: _scale_rows(h_SH, weights))
-        y_SD = hidden.linear(self.w_down).rows()
-        if row_weights_S is None or weight_hidden:
-            return y_SD
-        return _scale_rows(y_SD, row_weights_S)
+            return self._segment_swiglu(x, tokens_per_expert_E, None, None)
+        rows = group_rows(x, tokens_per_expert_E, backend, max_rows)
+        return rows.linear(self.w_gate_up).map(_swiglu).linear(self.w_down).rows()
 
-    def accepts_token_rows(self, x_ND: Tensor, max_rows_per_expert: int | None) -> bool:
-        """True when this call runs the ``"loop"`` backend on CPU (elsewhere the adds into
-        token rows would be atomic, so not deterministic) and ``forward`` is this class's."""
+    def fuses_combine(self, x_ND: Tensor, backend: ConcreteBackend) -> bool:
+        """True for the ``"loop"`` backend on CPU (elsewhere the adds into token rows would be
+        atomic, so not deterministic) when ``forward`` is this class's own."""
         if type(self).forward is not SwiGLUExperts.forward:
-            return False  # a subclass's forward may not know ``rows_S``
-        if self.backend not in ("auto", "loop") or x_ND.device.type != "cpu":
-            return False
-        backend = resolve_backend(self.backend, x_ND, max_rows_per_expert, self.w_down.dtype)
-        return backend == "loop"
+            return False  # a subclass's forward may not know fused plans
+        return backend == "loop" and x_ND.device.type == "cpu"
 
     def _segment_swiglu(
         self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None
@@ -339,14 +299,6 @@ class SwiGLUExperts(ExpertsBase):
         )
         out: Tensor = y
         return out
-
-    def _swiglu(self, gate_up_n2H: Tensor) -> Tensor:
-        gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)
-        return F.silu(gate_nH) * up_nH
-
-    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
-        gate_nH, up_nH = (x_nD @ self.w_gate_up[expert]).chunk(2, dim=-1)
-        return (F.silu(gate_nH) * up_nH) @ self.w_down[expert]
 
     def extra_repr(self) -> str:
         return (
@@ -376,9 +328,32 @@ class ModuleListExperts(ExpertsBase):
         _check_same_dtype_and_device(modules)
         self.experts = nn.ModuleList(modules)
         self.num_experts = len(modules)
-        self.dim = _check_int("dim", dim)
+        self.dim = check_int("dim", dim)
 
-    def expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        tokens_per_expert_E: Tensor,
+        *,
+        max_rows_per_expert: int | None = None,
+        plan: DispatchPlan | None = None,
+    ) -> Tensor:
+        """``[S, D]`` expert-sorted rows -> ``[S, D]``: each module on its contiguous slice."""
+        self._check_counts(x, tokens_per_expert_E)
+        bounds = group_bounds(tokens_per_expert_E)
+        if bounds[-1] > x.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x.shape[0]} rows"
+            )
+        pieces = [
+            self._expert_forward(expert, x[bounds[expert] : bounds[expert + 1]])
+            for expert in range(self.num_experts)
+            if bounds[expert + 1] > bounds[expert]
+        ]
+        pieces.append(x.new_zeros(x.shape[0] - bounds[-1], self.dim))
+        return torch.cat(pieces, dim=0)
+
+    def _expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
         try:
             y_nD = self.experts[expert](x_nD)
         except RuntimeError as err:

@@ -6,6 +6,11 @@ Shape legend: N tokens, E experts, K slots per token (top-k), B batch, T sequenc
   eq. 4; Lepikhin et al. 2020) with Hugging Face's normalisation, so values match
   ``transformers``' ``load_balancing_loss_func`` for the same logits.
 * :func:`router_z_loss`: the ST-MoE z-loss (Zoph et al. 2022, eq. 5).
+* :func:`sequence_balance_loss`: the per-sequence balance loss of DeepSeek-V3 (Liu et al. 2024,
+  eq. 17-20).
+* :func:`importance_loss`, :func:`noisy_top_k_load`, :func:`cv_squared`: the noisy top-k
+  gating losses of Shazeer et al. 2017 ("Outrageously Large Neural Networks", section 4 and
+  appendix A).
 * :func:`aux_loss`: the one call a training loop needs: the sum of every library layer's
   weighted auxiliary loss from its last forward.
 
@@ -20,12 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_int
+
 __all__ = [
     "AuxLossModule",
     "aux_loss",
     "balance_loss_from_assignments",
+    "cv_squared",
+    "importance_loss",
     "load_balancing_loss",
+    "noisy_top_k_load",
     "router_z_loss",
+    "sequence_balance_loss",
 ]
 
 
@@ -124,17 +135,14 @@ def load_balancing_loss(
     Returns:
         0-dim float32 tensor.
     """
-    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    check_int("num_experts", num_experts)
     logits = _flatten_logits(router_logits)
     if logits.shape[-1] != num_experts:
         raise ValueError(
             f"num_experts: expected the logits' last dimension {logits.shape[-1]}, "
             f"got {num_experts}"
         )
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k: expected an integer in [1, {num_experts}], got {top_k}")
+    check_int("top_k", top_k, 1, num_experts)
     probs = logits.softmax(dim=-1)
     expert_ids = probs.topk(top_k, dim=-1).indices
     return balance_loss_from_assignments(probs, expert_ids, _token_mask(attention_mask, len(probs)))
@@ -158,6 +166,113 @@ def router_z_loss(
     logits = _flatten_logits(router_logits)
     z_N = torch.logsumexp(logits, dim=-1).square()
     return _masked_mean(z_N, _token_mask(attention_mask, len(z_N)))
+
+
+def sequence_balance_loss(
+    probs_BTE: Tensor, expert_ids_BTK: Tensor, token_mask_BT: Tensor | None = None
+) -> Tensor:
+    """Per-sequence balance loss (DeepSeek-V3, eq. 17-20), averaged over sequences.
+
+    For each sequence b: ``E * sum_e f_be * P_be`` where ``f_be`` is the share of the sequence's
+    real tokens' slots sent to e (summing to K over e) and ``P_be`` the mean score of e over the
+    sequence's real tokens; then the mean over sequences that have at least one real token.
+    This is the library's batch-level form (:func:`~pytorch_mixtures.losses.load_balancing_loss`)
+    applied per sequence, so it also equals ``top_k`` at perfect balance. DeepSeek-V3's own
+    normalisation (``f`` scaled by ``E / (K T)``) gives this value divided by ``top_k``: their
+    coefficient ``alpha`` corresponds to ``balance_loss_coef = alpha / top_k``.
+
+    Args:
+        probs_BTE: ``[B, T, E]`` per-token distributions over experts (softmax scores, or
+            sigmoid scores normalised to sum to 1, DeepSeek-V3's ``s'``).
+        expert_ids_BTK: ``[B, T, K]`` int64, the experts each token chose.
+        token_mask_BT: optional ``[B, T]`` bool, False for padding.
+
+    Returns:
+        0-dim tensor in the dtype of ``probs_BTE`` (zero when no sequence has a real token).
+    """
+    batch, seq_len, num_experts = probs_BTE.shape
+    dtype = probs_BTE.dtype
+    if token_mask_BT is None:
+        token_mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=probs_BTE.device)
+    real_BT = token_mask_BT.to(dtype)
+    real_B = real_BT.sum(dim=1)
+    counts_BE = torch.zeros(batch, num_experts, dtype=dtype, device=probs_BTE.device)
+    slot_weight_BTK = real_BT.unsqueeze(-1).expand(expert_ids_BTK.shape)
+    counts_BE.scatter_add_(1, expert_ids_BTK.reshape(batch, -1), slot_weight_BTK.reshape(batch, -1))
+    denom_B1 = real_B.clamp_min(1.0).unsqueeze(-1)
+    f_BE = counts_BE / denom_B1
+    p_BE = (probs_BTE * real_BT.unsqueeze(-1)).sum(dim=1) / denom_B1
+    loss_B = num_experts * (f_BE * p_BE).sum(dim=-1)
+    has_tokens_B = (real_B > 0).to(dtype)
+    return (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
+
+
+def cv_squared(values_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation ``var(v) / (mean(v)^2 + eps)`` of ``values_E`` ``[E]``.
+
+    Population variance (divide by E), as the authors' tensor2tensor code computes it. Zero for
+    a single expert.
+    """
+    if values_E.numel() <= 1:
+        return values_E.new_zeros(())
+    mean = values_E.mean()
+    return (values_E - mean).square().mean() / (mean.square() + eps)
+
+
+def _masked_sum(values_NE: Tensor, token_mask_N: Tensor | None) -> Tensor:
+    if token_mask_N is None:
+        return values_NE.sum(dim=0)
+    return torch.where(token_mask_N.unsqueeze(-1), values_NE, 0.0).sum(dim=0)
+
+
+def importance_loss(gates_NE: Tensor, token_mask_N: Tensor | None = None) -> Tensor:
+    """Shazeer et al. 2017, eq. 6: ``CV(Importance)^2`` with ``Importance_e = sum_x G(x)_e``.
+
+    Args:
+        gates_NE: ``[N, E]`` the sparse gate values (zero outside each token's top-k).
+        token_mask_N: optional ``[N]`` bool, False for padding (excluded from the sums).
+
+    Returns:
+        0-dim tensor; zero when every expert has the same importance.
+    """
+    return cv_squared(_masked_sum(gates_NE, token_mask_N))
+
+
+def noisy_top_k_load(
+    clean_logits_NE: Tensor,
+    noisy_logits_NE: Tensor,
+    noise_std_NE: Tensor,
+    top_k: int,
+    token_mask_N: Tensor | None = None,
+) -> Tensor:
+    """The smooth load estimator of Shazeer et al. 2017, appendix A, eq. 8-10.
+
+    ``P(x, e) = Phi((clean_e - kth_excluding(noisy, k, e)) / std_e)``, the probability that
+    expert e stays in the top k when only its own noise is re-drawn; ``Load_e = sum_x P(x, e)``.
+    ``kth_excluding(noisy, k, e)`` is the k-th largest noisy logit other than e's own: the
+    (k+1)-th largest overall when e is in the top k, the k-th largest otherwise.
+
+    Args:
+        clean_logits_NE: ``[N, E]`` logits before noise.
+        noisy_logits_NE: ``[N, E]`` logits after noise (the ones the top-k was taken on).
+        noise_std_NE: ``[N, E]`` noise standard deviations, > 0.
+        top_k: k, in ``[1, E]``.
+        token_mask_N: optional ``[N]`` bool, False for padding.
+
+    Returns:
+        ``[E]`` the estimated load (differentiable in the clean logits and the noise std).
+        With ``top_k == E`` every expert is always selected and the load is the token count.
+    """
+    num_experts = clean_logits_NE.shape[-1]
+    if top_k >= num_experts:
+        return _masked_sum(torch.ones_like(clean_logits_NE), token_mask_N)
+    top_NK1 = noisy_logits_NE.topk(top_k + 1, dim=-1).values
+    threshold_in_N1 = top_NK1[:, top_k : top_k + 1]  # (k+1)-th largest
+    threshold_out_N1 = top_NK1[:, top_k - 1 : top_k]  # k-th largest
+    is_in_NE = noisy_logits_NE >= threshold_out_N1
+    prob_in_NE = torch.special.ndtr((clean_logits_NE - threshold_in_N1) / noise_std_NE)
+    prob_out_NE = torch.special.ndtr((clean_logits_NE - threshold_out_N1) / noise_std_NE)
+    return _masked_sum(torch.where(is_in_NE, prob_in_NE, prob_out_NE), token_mask_N)
 
 
 class AuxLossModule(nn.Module):

@@ -12,10 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .checks import check_input_matches, raise_if_nonfinite
+from .checks import (
+    check_capacity_factor,
+    check_features,
+    check_input_matches,
+    check_int,
+    check_mask,
+    raise_if_nonfinite,
+)
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
-from .routing import Router, _check_capacity_factor
+from .routing import Router
 from .stats import RoutingStats, routing_stats_from
 
 __all__ = ["MoELayer"]
@@ -91,16 +98,14 @@ class MoELayer(AuxLossModule):
             )
         if dim is None:
             dim = router.dim
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim: expected an int, got {type(dim).__name__} ({dim!r})")
+        check_int("dim", dim)
         if dim != router.dim:
             raise ValueError(f"dim: the router was built for dim={router.dim}, got dim={dim}")
         expert_module = as_experts(experts, dim)
         _check_same_device(router, expert_module)
         if expert_module.dim != dim:
             raise ValueError(f"experts: built for dim={expert_module.dim}, expected dim={dim}")
-        if isinstance(num_noop_experts, bool) or not isinstance(num_noop_experts, int):
-            raise TypeError(f"num_noop_experts: expected an int >= 0, got {num_noop_experts!r}")
+        check_int("num_noop_experts", num_noop_experts, low=0)
         if not 0 <= num_noop_experts < router.num_experts:
             raise ValueError(
                 f"num_noop_experts: expected an integer in [0, {router.num_experts - 1}] (the "
@@ -117,7 +122,7 @@ class MoELayer(AuxLossModule):
                 f"got {num_experts}"
             )
         if capacity_factor is not None:
-            router.capacity_factor = _check_capacity_factor(capacity_factor)
+            router.capacity_factor = check_capacity_factor(capacity_factor)
         if causal and not router.is_causal:
             warnings.warn(
                 f"{type(router).__name__} is not causal: a token's routing depends on later "
@@ -164,62 +169,23 @@ class MoELayer(AuxLossModule):
             ``[..., D]`` tensor of ``x``'s dtype: the sum of each token's weighted expert
             outputs (zero for tokens whose slots were all dropped).
         """
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape [..., {self.dim}], got {tuple(x.shape)}")
-        if attention_mask is not None and (
-            not isinstance(attention_mask, Tensor) or attention_mask.shape != x.shape[:-1]
-        ):
-            got = (
-                tuple(attention_mask.shape)
-                if isinstance(attention_mask, Tensor)
-                else type(attention_mask).__name__
-            )
-            raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:-1])}, got {got}")
+        check_features(x, self.dim, None, f"[..., {self.dim}]")
+        mask = check_mask(attention_mask, x, (tuple(x.shape[:-1]),))
         check_input_matches(x, self.experts)
         if self.check_finite:
             raise_if_nonfinite(self, "input x", x)
-
         if x.numel() == 0:
             return self._empty_forward(x)
+
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
         x_BTD = x.reshape(-1, seq_len, self.dim)
-        mask_BT = None if attention_mask is None else attention_mask.reshape(x_BTD.shape[:2])
-
+        mask_BT = None if mask is None else mask.reshape(x_BTD.shape[:2])
+        x_ND = x_BTD.reshape(-1, self.dim)
         if self.router.uses_token_ids:
             route = self.router(x_BTD, mask_BT, token_ids=token_ids)
         else:
             route = self.router(x_BTD, mask_BT)
-        plan = dispatch.plan_dispatch(route)
-        x_ND = x_BTD.reshape(-1, self.dim)
-        # no-op experts sort last: the real experts see only their own rows, and rows of
-        # no-op slots come back zero, as rows past the experts' counts always do
-        counts_E = plan.tokens_per_expert[: self.num_experts]
-        weighted = bool(getattr(self.experts, "applies_row_weights", False))
-        if weighted:
-            weights_S = dispatch.sorted_weights(route, plan, route.weights.dtype)
-        y_ND: Tensor
-        if weighted and self.experts.accepts_token_rows(x_ND, plan.max_rows_per_expert):
-            # through __call__, so hooks (and parametrizations such as pruning) still apply
-            y_ND = self.experts(
-                x_ND,
-                counts_E,
-                max_rows_per_expert=plan.max_rows_per_expert,
-                row_weights_S=weights_S,
-                rows_S=route.token_ids[plan.order],
-            )
-        else:
-            x_sorted_SD = dispatch.permute(x_ND, route, plan)
-            y_sorted_SD = self.experts(
-                x_sorted_SD,
-                counts_E,
-                max_rows_per_expert=plan.max_rows_per_expert,
-                **({"row_weights_S": weights_S} if weighted else {}),
-            )
-            y_ND = dispatch.combine(y_sorted_SD, route, plan, weighted=weighted)
+        y_ND, plan = dispatch.run_experts(self.experts, x_ND, route)
         if self.shared_experts is not None:
             y_ND = y_ND + self._shared_forward(x_ND, mask_BT)
 

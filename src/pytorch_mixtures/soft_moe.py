@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_features, check_int, check_mask
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
 
@@ -64,16 +65,9 @@ class SoftMoE(AuxLossModule):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("num_experts", num_experts),
-            ("slots_per_expert", slots_per_expert),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value}")
-        self.dim, self.num_experts, self.slots_per_expert = dim, num_experts, slots_per_expert
+        self.dim = check_int("dim", dim)
+        self.num_experts = check_int("num_experts", num_experts)
+        self.slots_per_expert = check_int("slots_per_expert", slots_per_expert)
         self.experts = as_experts(experts, dim)
         if self.experts.num_experts != num_experts or self.experts.dim != dim:
             raise ValueError(
@@ -133,25 +127,10 @@ class SoftMoE(AuxLossModule):
         return y_BTD.reshape(x.shape)
 
     def _check(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a floating-point Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point Tensor, got {x.dtype}")
-        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x: expected shape [B, T, {self.dim}] or [T, {self.dim}], got {tuple(x.shape)}"
-            )
+        check_features(x, self.dim, (3, 2), f"[B, T, {self.dim}] or [T, {self.dim}]")
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
-        if attention_mask is None:
-            return x_BTD, None
-        if not isinstance(attention_mask, Tensor) or attention_mask.shape != x.shape[:-1]:
-            got = (
-                tuple(attention_mask.shape)
-                if isinstance(attention_mask, Tensor)
-                else type(attention_mask).__name__
-            )
-            raise ValueError(f"attention_mask: expected shape {tuple(x.shape[:-1])}, got {got}")
-        return x_BTD, attention_mask.reshape(x_BTD.shape[:2]).bool()
+        mask = check_mask(attention_mask, x, (tuple(x.shape[:-1]),))
+        return x_BTD, None if mask is None else mask.reshape(x_BTD.shape[:2])
 
     def extra_repr(self) -> str:
         return (

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..mod import HFDecoderLayerAdapter, MixtureOfDepths
-from ..routing import _check_positive_int
+from ..checks import check_int
+from ..depth import MixtureOfDepths
+from .adapters import HFDecoderLayerAdapter
 from .upcycle import _mlp_dim, attach_aux_loss
 
 __all__ = ["MoDDecoderLayer", "route_depths"]
@@ -149,7 +150,7 @@ def route_depths(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    every = _check_positive_int("every", every)
+    every = check_int("every", every)
     layer_lists = _decoder_layer_lists(model)
     if not layer_lists:
         raise ValueError(

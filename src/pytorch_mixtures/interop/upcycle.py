@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..checks import check_int
 from ..experts import ExpertsBase, ModuleListExperts, SwiGLUExperts
 from ..losses import aux_loss
 from ..moe_layer import MoELayer
-from ..routing import TopKRouter, _check_positive_int
+from ..routing import TopKRouter
 from .hf import _activation_name
 
 __all__ = ["attach_aux_loss", "moeify"]
@@ -162,9 +163,9 @@ def moeify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    num_experts = _check_positive_int("num_experts", num_experts)
-    top_k = _check_positive_int("top_k", top_k, 1, num_experts)
-    every = _check_positive_int("every", every)
+    num_experts = check_int("num_experts", num_experts)
+    top_k = check_int("top_k", top_k, 1, num_experts)
+    every = check_int("every", every)
     for name, value in (("noise", noise), ("router_init_std", router_init_std)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a float >= 0, got {value!r}")

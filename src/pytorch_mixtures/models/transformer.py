@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import name_layers
+from ..depth import CausalRouterName, GateName, MixtureOfDepths
 from ..experts import SwiGLUExperts
-from ..mod import CausalRouterName, GateName, MixtureOfDepths
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
 
@@ -53,7 +53,7 @@ class ModelConfig:
     no-op experts (default ``num_experts``), so a token routed to one skips the FFN.
 
     MoD layers: ``mod_gate`` and ``mod_causal_router`` as in
-    :class:`~pytorch_mixtures.mod.MixtureOfDepths`, BCE weight ``mod_aux_loss_coef``.
+    :class:`~pytorch_mixtures.depth.MixtureOfDepths`, BCE weight ``mod_aux_loss_coef``.
     ``num_noop_experts`` also applies to plain ``"moe"`` models when set.
     """
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import readable_file
+
 __all__ = ["Corpus", "load_corpus", "stdlib_files"]
 
 VOCAB_SIZE = 256
@@ -113,7 +115,8 @@ def load_corpus(
             so one window fits).
 
     Raises:
-        ValueError: ``data`` does not exist, is a directory, is empty, or is too small to give
+        ValueError: ``data`` does not exist, is a directory (or another non-file), is empty or
+            unreadable (:func:`pytorch_mixtures.checks.readable_file`), or is too small to give
             both splits ``min_split_tokens`` bytes; or a bad ``max_bytes`` / ``val_fraction``.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 2:
@@ -135,14 +138,11 @@ def load_corpus(
         num_files = read
     else:
         path = Path(data)
-        if not path.exists():
+        if not path.exists():  # the one case readable_file words differently
             raise ValueError(f"data: expected an existing text file, got missing path '{path}'")
-        if path.is_dir():
-            raise ValueError(f"data: expected a text file, got a directory '{path}'")
+        path = readable_file(path, "data")  # not a directory, not empty, readable
         with path.open("rb") as handle:
             raw = handle.read(max_bytes)
-        if not raw:
-            raise ValueError(f"data: expected a non-empty text file, got an empty file '{path}'")
         size = path.stat().st_size
         cut = "" if size <= max_bytes else f", first {len(raw):,} of {size:,} bytes"
         source = f"{path} ({len(raw):,} bytes{cut})"

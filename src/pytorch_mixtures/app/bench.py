@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of MoELayer against its dense references (DESIGN §4).
+"""Side-by-side benchmark of MoELayer against its dense references (README, "Performance").
 
 Every candidate runs on the same input in the same process, interleaved, after warm-up; each
 repetition gives a ratio ``candidate time / dense-equivalent time`` and the table shows the
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import grouped_mm_available
-from .models.transformer import SwiGLU
+from ..backends import grouped_mm_available
+from ..models import SwiGLU
 
 __all__ = [
     "CONFIGS",
@@ -171,7 +171,7 @@ class _FirstOutput(nn.Module):
 
 
 def _moe(config: BenchConfig, backend: str, capacity_factor: float | None = None) -> nn.Module:
-    from . import MoELayer, SwiGLUExperts, TopKRouter
+    from .. import MoELayer, SwiGLUExperts, TopKRouter
 
     router = TopKRouter(
         config.dim, config.num_experts, config.top_k, capacity_factor=capacity_factor
@@ -385,7 +385,7 @@ def _peak_rss_subprocess(
     if config.name not in CONFIGS or not sys.platform.startswith("linux"):
         return None
     code = (
-        "from pytorch_mixtures.bench import _memory_child; "
+        "from pytorch_mixtures.app.bench import _memory_child; "
         f"_memory_child({config.name!r}, {name!r}, {str(dtype).split('.')[-1]!r}, {threads!r})"
     )
     proc = subprocess.run(
@@ -403,8 +403,9 @@ def _peak_rss_subprocess(
 def format_table(result: BenchResult) -> str:
     """A plain-text table of one config's results.
 
-    Columns ``x limit``: fwd and fwd+bwd ratios over the shape limit's (DESIGN section 4's
-    second reference: the experts' matmuls with zero routing overhead), when it was run.
+    Columns ``x limit``: fwd and fwd+bwd ratios over the shape limit's (the second reference
+    of the README's Performance section: the experts' matmuls with zero routing overhead), when
+    it was run.
     """
     c = result.config
     limit_fwd = result.fwd_ratio.get(SHAPE_LIMIT)

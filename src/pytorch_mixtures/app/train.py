@@ -7,10 +7,9 @@
 * Per-step metrics: loss, aux loss, learning rate, tokens/s, each MoE layer's expert loads (from
   ``MoELayer.stats.tokens_per_expert``) and each MoD layer's realized capacity (read generically
   from the layer's ``stats``).
-* Checkpoints: weights in safetensors (``model.safetensors``), optimizer state via
-  ``torch.save`` (reloaded with ``weights_only=True``) and a JSON sidecar (``state.json``) with
-  the step, both configs and the metric history. Batches depend only on ``(seed, step)``, so a
-  resumed run continues the same loss curve.
+* Checkpoints (:mod:`~pytorch_mixtures.app.checkpoint`): weights in safetensors, optimizer
+  state and a JSON sidecar with the step, both configs and the metric history. Batches depend
+  only on ``(seed, step)``, so a resumed run continues the same loss curve.
 * :func:`flops_per_token`: a small estimator of training FLOPs per token (Kaplan et al. 2020,
   ``6 N`` plus the attention term), with routed (MoD) layers counted at their capacity.
 
@@ -19,8 +18,6 @@ Shape legend: B batch, T sequence length, V vocabulary, E experts.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,11 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import MixtureOfDepths, MoELayer, aux_loss, calibrate_thresholds
+from ..models import ModelConfig, TransformerLM
+from .checkpoint import load_run_checkpoint, save_run_checkpoint
 from .data import Corpus
-from .losses import aux_loss
-from .mod import MixtureOfDepths, calibrate_thresholds
-from .models.transformer import ModelConfig, TransformerLM
-from .moe_layer import MoELayer
 
 __all__ = [
     "EvalResult",
@@ -43,16 +39,12 @@ __all__ = [
     "build_model",
     "evaluate",
     "flops_per_token",
-    "load_checkpoint",
     "lr_at",
     "mod_layers",
-    "save_checkpoint",
     "train",
 ]
 
 EvalMode = Literal["causal", "topk"]
-
-_WEIGHTS, _OPTIMIZER, _STATE = "model.safetensors", "optimizer.pt", "state.json"
 
 
 @dataclass(frozen=True)
@@ -269,76 +261,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(
-    out: Path,
-    model: TransformerLM,
-    optimizer: torch.optim.Optimizer,
-    train_config: TrainConfig,
-    step: int,
-    history: list[dict[str, Any]],
-    evals: list[dict[str, Any]],
-) -> None:
-    """Write ``model.safetensors``, ``optimizer.pt`` and ``state.json`` into ``out``."""
-    from safetensors.torch import save_model
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / _WEIGHTS))
-    torch.save(optimizer.state_dict(), out / _OPTIMIZER)
-    state = {
-        "step": step,
-        "model_config": dataclasses.asdict(model.config),
-        "train_config": dataclasses.asdict(train_config),
-        "history": history,
-        "evals": evals,
-    }
-    # write then rename: an interrupted save never leaves a half-written sidecar
-    tmp = out / (_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(out / _STATE)
-
-
-def load_checkpoint(
-    out: Path,
-    model: TransformerLM,
-    optimizer: torch.optim.Optimizer | None = None,
-    train_config: TrainConfig | None = None,
-) -> dict[str, Any]:
-    """Load weights (and optimizer state) from ``out``; return the JSON sidecar.
-
-    Raises:
-        ValueError: no checkpoint in ``out``, or it was made for a different model config (or
-            a different ``train_config``, when given).
-    """
-    from safetensors.torch import load_model
-
-    state_path = out / _STATE
-    if not state_path.is_file():
-        raise ValueError(f"resume: expected a checkpoint ({_STATE}) in '{out}', found none")
-    state: dict[str, Any] = json.loads(state_path.read_text())
-    saved = state["model_config"]
-    current = json.loads(json.dumps(dataclasses.asdict(model.config)))
-    if saved != current:
-        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-        raise ValueError(f"resume: the checkpoint's model config differs (saved, given): {diff}")
-    if train_config is not None:
-        saved_train = state["train_config"]
-        given = dataclasses.asdict(train_config)
-        diff = {k: (saved_train.get(k), v) for k, v in given.items() if saved_train.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"resume: the checkpoint's training config differs (saved, given): {diff}; "
-                "a resumed run must keep the schedule to continue the same loss curve"
-            )
-    load_model(model, str(out / _WEIGHTS))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(out / _OPTIMIZER, weights_only=True))
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -409,7 +331,7 @@ def train(
     if resume:
         if out is None:
             raise ValueError("resume: expected a checkpoint folder `out`, got None")
-        state = load_checkpoint(out, model, optimizer, config)
+        state = load_run_checkpoint(out, model, optimizer, config)
         start, history, evals = int(state["step"]), state["history"], state["evals"]
     val = corpus.val_batches(config.batch_size, config.seq_len, config.eval_batches)
     # MoD eval thresholds are calibrated on the windows of the steps after the run's last
@@ -458,11 +380,11 @@ def train(
                 bar.set_postfix(loss=f"{loss:.3f}")
             bar.update(1)
             if out is not None and checkpoint_every and done % checkpoint_every == 0:
-                save_checkpoint(out, model, optimizer, config, done, history, evals)
+                save_run_checkpoint(out, model, optimizer, config, done, history, evals)
     finally:
         bar.close()
     if out is not None:
-        save_checkpoint(out, model, optimizer, config, end, history, evals)
+        save_run_checkpoint(out, model, optimizer, config, end, history, evals)
     run_steps = end - start
     tokens_per_second = run_steps * tokens_per_step / train_seconds if train_seconds else 0.0
     return TrainResult(history, evals, train_seconds, tokens_per_second)

@@ -1,4 +1,5 @@
-"""Issue 5: routing schemes, balancing methods and telemetry, against naive references."""
+"""Routers against naive per-token references: top-k schemes (bias balancing, group limits,
+noisy gating), expert choice capacity, hash and uniform routing; padding in every loss."""
 
 from __future__ import annotations
 
@@ -10,23 +11,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pytorch_mixtures as pm
-from naive import expert_fns
-from naive_routing import (
+from reference.moe import expert_fns
+from reference.routing import (
     naive_expert_choice,
-    naive_noisy_losses,
     naive_scheme_topk,
-    naive_sequence_balance,
-    naive_soft_moe,
 )
-from test_moe_layer import make_experts, run_and_grad
+from test_moe_layer import assert_same, make_experts, run_and_grad
 
 DIM, EXPERTS, HIDDEN = 6, 4, 10
-
-
-def assert_same(got, want, grads_got, grads_want):
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for g, w in zip(grads_got, grads_want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- top-k schemes
@@ -150,72 +142,6 @@ def test_noisy_gating_matches_naive_forward_and_backward():
     assert router.noise_gate.weight.grad.abs().sum() > 0  # the noise std is learned
     moe.eval()
     torch.testing.assert_close(moe(x), moe(x))  # no noise in eval
-
-
-@pytest.mark.parametrize("top_k", [2, 3])
-def test_noisy_gating_losses_match_hand_computation(top_k):
-    torch.manual_seed(3 + top_k)
-    router = pm.TopKRouter(DIM, EXPERTS, top_k, noisy_gating=True, init_std=0.7).double()
-    with torch.no_grad():
-        router.noise_gate.weight.normal_(0.0, 0.5)
-    x = torch.randn(2, 6, DIM, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    torch.manual_seed(11)
-    route = router(x, mask)
-    torch.manual_seed(11)
-    noise = torch.randn(12, EXPERTS, dtype=torch.float64)
-    importance, load = naive_noisy_losses(
-        x.reshape(-1, DIM),
-        router.gate.weight,
-        router.noise_gate.weight,
-        noise,
-        top_k,
-        token_mask=mask.reshape(-1).tolist(),
-    )
-    torch.testing.assert_close(route.aux_losses["importance"], importance.float())
-    torch.testing.assert_close(route.aux_losses["load"], load.float())
-    assert float(load.detach()) > 0 and float(importance.detach()) > 0
-    # gradients of the load loss reach both the gate and the noise weights, as by hand
-    params = [router.gate.weight, router.noise_gate.weight]
-    got = torch.autograd.grad(route.aux_losses["load"], params)
-    want = torch.autograd.grad(load, params)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    expected = (
-        0.01 * route.aux_losses["load_balancing"]
-        + 0.001 * route.aux_losses["router_z"]
-        + 0.01 * route.aux_losses["importance"]
-        + 0.01 * route.aux_losses["load"]
-    )
-    torch.testing.assert_close(route.aux_loss, expected)
-
-
-def test_cv_squared_by_hand():
-    values = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population variance 3.5
-    torch.testing.assert_close(pm.balancing.cv_squared(values), torch.tensor(3.5 / 9.0))
-    assert float(pm.balancing.cv_squared(torch.full((5,), 2.0))) == 0.0
-
-
-def test_sequence_balance_loss_matches_naive_with_padding():
-    torch.manual_seed(4)
-    router = pm.TopKRouter(DIM, EXPERTS, 2, balance="sequence", init_std=1.0).double()
-    x = torch.randn(3, 5, DIM, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-    route = router(x, mask)
-    chosen = route.expert_ids.view(3, 5, 2).tolist()
-    probs = (x @ router.gate.weight.T).softmax(-1)  # computed apart from the router
-    want = naive_sequence_balance(probs, chosen, mask)
-    torch.testing.assert_close(route.aux_losses["load_balancing"], want.float())
-    (g_got,) = torch.autograd.grad(route.aux_losses["load_balancing"], [router.gate.weight])
-    (g_want,) = torch.autograd.grad(want, [router.gate.weight])
-    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
-    # one sequence: the batch and sequence forms agree
-    batch_router = pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0).double()
-    batch_router.load_state_dict(router.state_dict())
-    torch.testing.assert_close(
-        router(x[1:2]).aux_losses["load_balancing"],
-        batch_router(x[1:2]).aux_losses["load_balancing"],
-    )
 
 
 ROUTER_FACTORIES = {
@@ -496,137 +422,7 @@ def test_uniform_router_random_picks_distinct_experts_with_balanced_loads():
 # --------------------------------------------------------------------------- shared experts
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_shared_experts_exactly_added(gated):
-    torch.manual_seed(10)
-    shared = nn.Sequential(nn.Linear(DIM, 12), nn.GELU(), nn.Linear(12, DIM))
-    router = pm.TopKRouter(DIM, EXPERTS, 2)
-    experts = make_experts("swiglu")
-    moe = pm.MoELayer(DIM, router, experts, shared_experts=shared, shared_expert_gate=gated)
-    plain = pm.MoELayer(DIM, router, experts)
-    moe, plain = moe.double(), plain.double()
-    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    params = list(moe.parameters())
-    y, g = run_and_grad(lambda inp: moe(inp, mask), x, params)
-
-    def reference(inp):
-        out = shared(inp)
-        if gated:
-            out = torch.sigmoid(inp @ moe.shared_expert_gate.weight.T) * out
-        return plain(inp, mask) + out * mask.unsqueeze(-1)
-
-    y_ref, g_ref = run_and_grad(reference, x, params)
-    assert_same(y, y_ref, g, g_ref)
-    assert (moe.shared_expert_gate is not None) == gated
-    with pytest.raises(ValueError, match="shared_expert_gate"):
-        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), shared_expert_gate=True)
-
-
 # --------------------------------------------------------------------------- Soft MoE
 
 
-@pytest.mark.parametrize(("normalize", "kind"), [(True, "mlp"), (False, "list")])
-def test_soft_moe_matches_naive_reference(normalize, kind):
-    torch.manual_seed(11)
-    layer = pm.SoftMoE(DIM, EXPERTS, 2, make_experts(kind), normalize=normalize).double()
-    if normalize:
-        with torch.no_grad():
-            layer.scale.fill_(3.0)
-    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
-    params = list(layer.parameters())
-    y, g = run_and_grad(layer, x, params)
-    fns = expert_fns(layer.experts if kind != "list" else layer.experts.experts)
-    y_ref, g_ref = run_and_grad(
-        lambda inp: naive_soft_moe(inp, layer.phi, fns, 2, layer.scale), x, params
-    )
-    assert_same(y, y_ref, g, g_ref)
-    assert float(pm.aux_loss(layer)) == 0.0
-
-
-def test_soft_moe_softmax_axes_and_permutation_equivariance():
-    torch.manual_seed(12)
-    layer = pm.SoftMoE(DIM, EXPERTS, 3, make_experts("swiglu")).double()
-    x = torch.randn(2, 7, DIM, dtype=torch.float64)
-    dispatch, combine = layer.routing_weights(x)
-    assert dispatch.shape == combine.shape == (2, 7, EXPERTS * 3)
-    torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(2, EXPERTS * 3, dtype=torch.float64))
-    torch.testing.assert_close(combine.sum(dim=2), torch.ones(2, 7, dtype=torch.float64))
-    perm = torch.randperm(7)
-    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])
-    assert not layer.is_causal
-
-
-def test_soft_moe_padding_gets_no_dispatch_weight():
-    torch.manual_seed(13)
-    layer = pm.SoftMoE(DIM, EXPERTS, 2, make_experts("mlp"))
-    x = torch.randn(2, 6, DIM)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
-    dispatch, _ = layer.routing_weights(x, mask)
-    assert torch.equal(dispatch[0, 4:], torch.zeros(2, EXPERTS * 2))
-    y = layer(x, mask)
-    assert torch.isfinite(y).all() and torch.equal(y[mask == 0], torch.zeros(8, DIM))
-    torch.testing.assert_close(y[0, :4], layer(x[:1, :4])[0])
-
-
 # --------------------------------------------------------------------------- telemetry
-
-
-def test_stats_consistent_dropless_and_with_drops():
-    torch.manual_seed(14)
-    router = pm.TopKRouter(DIM, EXPERTS, 2, init_std=1.0)
-    moe = pm.MoELayer(DIM, router, make_experts("mlp"))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
-    moe(torch.randn(2, 6, DIM), mask)
-    stats = moe.stats
-    assert int(stats.tokens_per_expert.sum()) == 11 * 2  # tokens * top_k
-    torch.testing.assert_close(stats.utilisation.mean(), torch.tensor(1.0))
-    assert int(stats.dead_experts) == int((stats.tokens_per_expert == 0).sum())
-    # entropy and confidence against a direct computation on the same routing
-    x = torch.randn(3, 4, DIM)
-    moe(x)
-    probs = router(x).probs
-    torch.testing.assert_close(moe.stats.router_entropy, -(probs * probs.log()).sum(-1).mean())
-    torch.testing.assert_close(moe.stats.top1_confidence, probs.max(-1).values.mean())
-    sigmoid = pm.MoELayer(
-        DIM, pm.TopKRouter(DIM, EXPERTS, 2, score_func="sigmoid"), make_experts("mlp")
-    )
-    sigmoid(x, torch.ones(3, 4))
-    probs = sigmoid.router(x).probs
-    probs = probs / probs.sum(-1, keepdim=True)
-    torch.testing.assert_close(sigmoid.stats.router_entropy, -(probs * probs.log()).sum(-1).mean())
-    capped = pm.MoELayer(
-        DIM, pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=0.5, init_std=2.0), make_experts("mlp")
-    )
-    capped(torch.randn(2, 8, DIM))
-    s = capped.stats
-    assert int(s.tokens_per_expert.sum()) + int(s.dropped_slots) == 32
-    torch.testing.assert_close(s.utilisation.sum(), s.tokens_per_expert.sum() / 8.0)
-
-
-def test_routing_stats_table_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    torch.manual_seed(15)
-    model = nn.Sequential(
-        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS, 2), make_experts("mlp")),
-        nn.Linear(DIM, DIM),
-        pm.MoELayer(DIM, pm.ExpertChoiceRouter(DIM, EXPERTS), make_experts("mlp")),
-        pm.SoftMoE(DIM, EXPERTS, 1, make_experts("mlp")),
-    )
-    assert pm.routing_stats(model) == {}
-    history = []
-    for _ in range(5):
-        model(torch.randn(2, 8, DIM))
-        history.append(pm.routing_stats(model))
-    table = history[-1]
-    assert list(table) == ["0", "2"]
-    row = table["0"]
-    assert row["tokens_per_expert"] == model[0].stats.tokens_per_expert.tolist()
-    assert sum(row["tokens_per_expert"]) == 16 * 2 and row["num_tokens"] == 16
-    assert isinstance(row["router_entropy"], float) and isinstance(row["dead_experts"], int)
-    assert row["load_imbalance"] == pytest.approx(float(model[0].stats.load_imbalance))
-    path = pm.plot_expert_load(history, tmp_path / "load.png", title="loads")
-    with open(path, "rb") as handle:
-        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="history"):
-        pm.plot_expert_load([], tmp_path / "x.png")

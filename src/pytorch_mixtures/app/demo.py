@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ..models import ModelConfig, TransformerLM
 from .data import VOCAB_SIZE, Corpus
-from .models.transformer import ModelConfig, TransformerLM
 from .train import TrainConfig, build_model, flops_per_token, train
 
 __all__ = ["KINDS", "SizeConfig", "format_table", "model_config", "run_demo", "sample"]

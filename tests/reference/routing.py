@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from naive import ExpertFn, ranked
+from reference.moe import ExpertFn, ranked
 
 
 def naive_scheme_topk(

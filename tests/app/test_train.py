@@ -1,4 +1,5 @@
-"""The demo's pieces: corpus, schedule, FLOPs estimate, evaluation, checkpoints, CLI end to end."""
+"""The trainer (``pytorch_mixtures.app.train``): schedule, FLOPs estimate, evaluation, telemetry,
+checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pytorch_mixtures.cli import main
-from pytorch_mixtures.data import load_corpus
-from pytorch_mixtures.models import ModelConfig
-from pytorch_mixtures.train import (
+from pytorch_mixtures.app.cli import main
+from pytorch_mixtures.app.data import load_corpus
+from pytorch_mixtures.app.train import (
     TrainConfig,
     build_model,
     evaluate,
@@ -22,78 +22,9 @@ from pytorch_mixtures.train import (
     mod_layers,
     train,
 )
-
-TINY = ["--dim", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-hidden", "64"]
-TINY += ["--num-experts", "4", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
-TINY += ["--no-progress"]
-
+from pytorch_mixtures.models import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(b"".join(f"line {i}: the quick brown fox\n".encode() for i in range(300)))
-    return path
-
-
-# --- corpus -----------------------------------------------------------------------------------
-
-
-def test_stdlib_corpus_is_deterministic_with_tail_held_out():
-    a, b = load_corpus(max_bytes=60_000), load_corpus(max_bytes=60_000)
-    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
-    assert a.train.numel() + a.val.numel() == 60_000
-    assert a.val.numel() == 6_000
-    assert "standard library" in a.source and a.num_files >= 1
-    # byte tokens of real Python source
-    text = bytes(a.train[:20_000].tolist())
-    assert b"def " in text or b"import " in text
-
-
-def test_user_file_split_and_batches(text_file: Path):
-    raw = text_file.read_bytes()
-    corpus = load_corpus(text_file, val_fraction=0.25)
-    assert bytes(corpus.train.tolist()) + bytes(corpus.val.tolist()) == raw
-    assert corpus.val.numel() == len(raw) // 4
-    idx, targets = corpus.train_batch(3, 10, seed=1, step=5)
-    assert idx.shape == targets.shape == (3, 10) and idx.dtype == torch.long
-    assert torch.equal(idx[:, 1:], targets[:, :-1])  # targets are the next bytes
-    again, _ = corpus.train_batch(3, 10, seed=1, step=5)
-    other, _ = corpus.train_batch(3, 10, seed=1, step=6)
-    assert torch.equal(idx, again) and not torch.equal(idx, other)
-    val = corpus.val_batches(2, 10, num_batches=3)
-    assert len(val) == 3 and all(v[0].shape == (2, 10) for v in val)
-
-
-def test_bad_data_file_errors(tmp_path: Path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_bytes(b"")
-    small = tmp_path / "small.txt"
-    small.write_bytes(b"x" * 50)
-    cases = [
-        (tmp_path / "missing.txt", "missing path"),
-        (tmp_path, "directory"),
-        (empty, "empty file"),
-        (small, "at least"),
-    ]
-    for path, message in cases:
-        with pytest.raises(ValueError, match=message):
-            load_corpus(path, min_split_tokens=17)
-    for path, message in cases:
-        with pytest.raises(SystemExit, match=f"error: --data.*{message}"):
-            main(["train", "--model", "dense", "--out", str(tmp_path / "o"), "--data", str(path)])
-
-
-def test_out_must_be_a_folder(tmp_path: Path):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a folder")
-    for command in (["train", "--model", "dense"], ["demo"]):
-        with pytest.raises(SystemExit, match="--out: expected a folder"):
-            main([*command, "--out", str(a_file), "--steps", "1"])
-    with pytest.raises(SystemExit, match="expected a checkpoint"):
-        main(["train", "--model", "dense", "--out", str(tmp_path / "none"), "--resume"])
 
 
 # --- schedule, FLOPs, evaluation -------------------------------------------------------------
@@ -168,6 +99,14 @@ def test_mod_layers_are_read_generically():
         evaluate(model, batches, "sometimes")  # type: ignore[arg-type]
 
 
+def test_moe_experts_start_like_the_dense_ffn():
+    dense, moe = build_model(_tiny_config(), 0), build_model(_tiny_config("moe"), 0)
+    dense_std = dense.layers[0].ffn.gate_up.weight.std()
+    for weight in moe.layers[0].ffn.experts.parameters():
+        assert abs(float(weight.detach().std()) - 0.02) < 0.003
+    assert abs(float(dense_std.detach()) - 0.02) < 0.003
+
+
 # --- training, checkpoints, resume ----------------------------------------------------------
 
 
@@ -175,8 +114,8 @@ def _history(out: Path) -> list[dict]:
     return json.loads((out / "state.json").read_text())["history"]
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path: Path, text_file: Path):
-    args = ["train", "--model", "moe", "--data", str(text_file), "--steps", "6", *TINY]
+def test_resume_continues_the_same_loss_curve(tmp_path: Path, text_file: Path, tiny):
+    args = ["train", "--model", "moe", "--data", str(text_file), "--steps", "6", *tiny]
     args += ["--warmup-steps", "2", "--eval-every", "3"]
     main([*args, "--out", str(tmp_path / "full")])
     main([*args, "--out", str(tmp_path / "split"), "--stop-at", "3"])
@@ -199,8 +138,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, text_file: Path):
         torch.testing.assert_close(tensor, w_split[name], rtol=1e-6, atol=1e-7)
 
 
-def test_resume_refuses_a_different_model_or_schedule(tmp_path: Path, text_file: Path):
-    args = ["train", "--data", str(text_file), "--steps", "2", *TINY, "--out", str(tmp_path)]
+def test_resume_refuses_a_different_model_or_schedule(tmp_path: Path, text_file: Path, tiny):
+    args = ["train", "--data", str(text_file), "--steps", "2", *tiny, "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="found none"):
         main(["train", "--model", "dense", "--resume", *args[1:]])
     main(["train", "--model", "dense", *args[1:]])
@@ -234,40 +173,3 @@ def test_mod_eval_thresholds_are_calibrated_to_the_capacity(text_file: Path):
     # calibrated on training windows, so held-out capacity is near, not exactly, the target
     for rate in final["mod_capacity"]:
         assert abs(rate - 0.125) < 0.06
-
-
-# --- the demo end to end ----------------------------------------------------------------------
-
-
-def test_demo_end_to_end(tmp_path: Path, capsys):
-    out = tmp_path / "demo"
-    args = ["demo", "--steps", "3", "--out", str(out), "--max-bytes", "60000", *TINY]
-    args += ["--sample-tokens", "8"]
-    assert main(args) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    models = results["models"]
-    assert list(models) == ["dense", "moe", "mod", "mode"]
-    for kind in ("dense", "moe"):
-        entry = models[kind]
-        assert entry["status"] == "ok"
-        assert [h["step"] for h in entry["history"]] == [1, 2, 3]
-        assert math.isfinite(entry["val_loss"]) and entry["flops_per_token"] > 0
-        assert len(entry["samples"]) == 3
-    assert models["moe"]["params_total"] > models["dense"]["params_total"]
-    assert "load_imbalance" in models["moe"] and "load_imbalance" not in models["dense"]
-    for kind in ("mod", "mode"):  # built when the library has MoD, never silently skipped
-        assert models[kind]["status"] in ("ok", "not available")
-        if models[kind]["status"] == "ok":
-            assert "val_loss_topk" in models[kind] and "val_loss_causal" in models[kind]
-    printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| moe |" in printed and "| mod |" in printed
-    assert "[dense] def " in printed
-
-
-def test_moe_experts_start_like_the_dense_ffn():
-    dense, moe = build_model(_tiny_config(), 0), build_model(_tiny_config("moe"), 0)
-    dense_std = dense.layers[0].ffn.gate_up.weight.std()
-    for weight in moe.layers[0].ffn.experts.parameters():
-        assert abs(float(weight.detach().std()) - 0.02) < 0.003
-    assert abs(float(dense_std.detach()) - 0.02) < 0.003

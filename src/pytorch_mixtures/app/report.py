@@ -24,7 +24,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def make_report(results: dict[str, Any], path: Path) -> None:
-    """Write a 2 x 2 figure to ``path`` from :func:`~pytorch_mixtures.demo.run_demo`'s results.
+    """Write a 2 x 2 figure to ``path`` from :func:`~pytorch_mixtures.app.demo.run_demo`'s results.
 
     Panels: (a) training loss (smoothed) and held-out loss vs steps; (b) the same vs training
     FLOPs; (c) the MoE model's expert loads (share of slots per expert, every layer) over

@@ -22,6 +22,28 @@ __all__ = ["main"]
 DEMO_STEPS = 150
 
 
+# config fields that are options of the same name (``--batch-size`` sets ``batch_size``)
+_SCHEDULE_OPTIONS = ("batch_size", "seq_len", "lr", "warmup_steps", "eval_every", "eval_batches")
+_SIZE_OPTIONS = (
+    "dim",
+    "num_layers",
+    "num_heads",
+    "ffn_hidden",
+    "num_experts",
+    "top_k",
+    "mod_capacity",
+)
+
+
+def _add_field_options(
+    group: argparse._ArgumentGroup, defaults: object, names: Sequence[str]
+) -> None:
+    """One option per field in ``names``, typed and defaulted by its value in ``defaults``."""
+    for name in names:
+        value = getattr(defaults, name)
+        group.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
 def _add_common(parser: argparse.ArgumentParser, steps: int) -> None:
     """Options shared by ``demo`` and ``train``: data, schedule and model size."""
     size, schedule = SizeConfig(), TrainConfig()
@@ -31,21 +53,9 @@ def _add_common(parser: argparse.ArgumentParser, steps: int) -> None:
         "--data", type=Path, default=None, help="a text file (default: Python's stdlib sources)"
     )
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus size cap")
-    group = parser.add_argument_group("schedule")
-    group.add_argument("--batch-size", type=int, default=schedule.batch_size)
-    group.add_argument("--seq-len", type=int, default=schedule.seq_len)
-    group.add_argument("--lr", type=float, default=schedule.lr)
-    group.add_argument("--warmup-steps", type=int, default=schedule.warmup_steps)
-    group.add_argument("--eval-every", type=int, default=schedule.eval_every)
-    group.add_argument("--eval-batches", type=int, default=schedule.eval_batches)
+    _add_field_options(parser.add_argument_group("schedule"), schedule, _SCHEDULE_OPTIONS)
     group = parser.add_argument_group("model size")
-    group.add_argument("--dim", type=int, default=size.dim)
-    group.add_argument("--num-layers", type=int, default=size.num_layers)
-    group.add_argument("--num-heads", type=int, default=size.num_heads)
-    group.add_argument("--ffn-hidden", type=int, default=size.ffn_hidden)
-    group.add_argument("--num-experts", type=int, default=size.num_experts)
-    group.add_argument("--top-k", type=int, default=size.top_k)
-    group.add_argument("--mod-capacity", type=float, default=size.mod_capacity)
+    _add_field_options(group, size, _SIZE_OPTIONS)
     group.add_argument(
         "--balance-coef",
         type=float,
@@ -74,13 +84,7 @@ def _configs(args: argparse.Namespace) -> tuple[TrainConfig, SizeConfig]:
         eval_batches=args.eval_batches,
     )
     size = SizeConfig(
-        dim=args.dim,
-        num_layers=args.num_layers,
-        num_heads=args.num_heads,
-        ffn_hidden=args.ffn_hidden,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        mod_capacity=args.mod_capacity,
+        **{name: getattr(args, name) for name in _SIZE_OPTIONS},
         balance_loss_coef=args.balance_coef,
         routed_scaling_factor=args.routed_scaling_factor,
     )

@@ -1,0 +1,39 @@
+"""Routers: who goes where, with what weight.
+
+A router maps tokens to *slots*: (token, expert, weight) assignments. Every router returns the
+same small immutable :class:`RouterOutput`, so dispatch and experts never depend on the routing
+scheme. :class:`Router` (``base.py``) runs the one preamble (validate, flatten, mask); each
+router implements one method, ``route``.
+
+* ``topk.py``: :class:`TopKRouter` (token choice; its optional schemes in one frozen
+  :class:`TopKSchemes`) and :func:`update_expert_bias`.
+* ``expert_choice.py``: :class:`ExpertChoiceRouter`.
+* ``fixed.py``: :class:`HashRouter`, :class:`UniformRouter` (no learned gate).
+* ``capacity.py``: per-expert capacity and which slots fit.
+* ``selection.py``: rules that restrict the selection (group-limited scores, gating noise).
+"""
+
+from .base import Router, RouterOutput, token_major_output
+from .capacity import capacity_keep_mask, expert_choice_capacity, token_choice_keep
+from .expert_choice import ExpertChoiceRouter
+from .fixed import HashRouter, UniformRouter
+from .selection import group_limited_scores, softplus_noise_std
+from .topk import TopKRouter, TopkRouter, TopKSchemes, update_expert_bias
+
+__all__ = [
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "Router",
+    "RouterOutput",
+    "TopKRouter",
+    "TopKSchemes",
+    "TopkRouter",
+    "UniformRouter",
+    "capacity_keep_mask",
+    "expert_choice_capacity",
+    "group_limited_scores",
+    "softplus_noise_std",
+    "token_choice_keep",
+    "token_major_output",
+    "update_expert_bias",
+]

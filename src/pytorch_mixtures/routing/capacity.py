@@ -1,0 +1,96 @@
+"""Per-expert capacity: how many slots each expert takes, and which slots fit.
+
+* Token choice (GShard / Switch): ``C = ceil(cf * tokens * K / E)``; slots fill in priority
+  order (all first choices by token position, then all second choices, ...), overflow is
+  dropped for that expert only.
+* Expert choice (Zhou et al. 2022): each expert takes ``C`` tokens per sequence.
+
+Shape legend: N tokens, K slots per token, E experts, T sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["capacity_keep_mask", "expert_choice_capacity", "token_choice_keep"]
+
+
+def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_experts: int) -> Tensor:
+    """Which slots fit in their expert's capacity, filling in priority order.
+
+    Args:
+        expert_ids_KN: ``[K, N]`` int64 expert per slot in priority order (row-major: all first
+            choices by token position, then all second choices, as in GShard). Entries equal to
+            ``num_experts`` mark slots that take no capacity (padding).
+        capacity: per-expert capacity C.
+        num_experts: E.
+
+    Returns:
+        ``[K, N]`` bool, True where the slot is among the first C of its expert.
+
+    Sort-based (argsort by expert, rank within expert): O(S log S), no ``[S, E]`` one-hot.
+    """
+    ids_S = expert_ids_KN.reshape(-1)
+    order_S = torch.argsort(ids_S, stable=True)
+    # scatter_add, not bincount: a static output shape keeps torch.compile graphs whole
+    counts = ids_S.new_zeros(num_experts + 1).scatter_add_(0, ids_S, torch.ones_like(ids_S))
+    starts = torch.cumsum(counts, dim=0) - counts
+    rank_sorted_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts[ids_S[order_S]]
+    rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
+    keep_S = (rank_S < capacity) & (ids_S < num_experts)
+    return keep_S.reshape(expert_ids_KN.shape)
+
+
+def token_choice_keep(
+    expert_ids_NK: Tensor, mask_N: Tensor | None, capacity_factor: float | None, num_experts: int
+) -> tuple[Tensor, Tensor | int | None]:
+    """Which token-choice slots are kept: padding never, overflow past GShard capacity not.
+
+    Args:
+        expert_ids_NK: ``[N, K]`` int64 chosen experts (k-th column = k-th choice).
+        mask_N: ``[N]`` bool, False for padding, or None.
+        capacity_factor: None (dropless) or ``cf``: capacity ``ceil(cf * real_tokens * K / E)``.
+        num_experts: E.
+
+    Returns:
+        ``kept_NK`` ``[N, K]`` bool, and the capacity (an int, a 0-dim int64 tensor when it
+        depends on the mask, or None when dropless).
+    """
+    num_tokens, top_k = expert_ids_NK.shape
+    kept_NK = torch.ones_like(expert_ids_NK, dtype=torch.bool)
+    if mask_N is not None:
+        kept_NK = kept_NK & mask_N.unsqueeze(-1)
+    if capacity_factor is None:
+        return kept_NK, None
+    capacity: Tensor | int
+    if mask_N is None:
+        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    else:
+        capacity = torch.ceil(capacity_factor * mask_N.sum() * top_k / num_experts).long()
+    # padding slots take no capacity: give them the sentinel expert E
+    prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
+    return capacity_keep_mask(prio_ids_KN, capacity, num_experts).T, capacity
+
+
+def expert_choice_capacity(
+    seq_len: int,
+    num_experts: int,
+    capacity_factor: float | None,
+    capacity: int | float | None,
+) -> int:
+    """Tokens each expert takes from a sequence of ``seq_len`` (never more than ``seq_len``).
+
+    ``capacity_factor`` gives ``ceil(cf * T / E)``; otherwise ``capacity`` is an int count or a
+    float fraction of the sequence (``ceil(capacity * T)``).
+    """
+    if capacity_factor is not None:
+        count = math.ceil(capacity_factor * seq_len / num_experts)
+    elif isinstance(capacity, int):
+        count = capacity
+    else:
+        assert capacity is not None
+        count = math.ceil(capacity * seq_len)
+    return min(count, seq_len)

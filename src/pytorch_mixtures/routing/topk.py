@@ -1,0 +1,546 @@
+"""Token-choice top-k routing and its optional schemes, and the aux-loss-free bias update.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_capacity_factor, check_int, check_nonnegative_float
+from ..losses import (
+    balance_loss_from_assignments,
+    cv_squared,
+    importance_loss,
+    noisy_top_k_load,
+    router_z_loss,
+    sequence_balance_loss,
+)
+from .base import Router, RouterOutput, token_major_output
+from .capacity import token_choice_keep
+from .selection import group_limited_scores, softplus_noise_std
+
+__all__ = ["TopKRouter", "TopKSchemes", "TopkRouter", "update_expert_bias"]
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+BalanceMode = Literal["batch", "sequence"]
+GroupScore = Literal["auto", "top2_sum", "max"]
+_T = TypeVar("_T")
+
+
+def _in_autograd_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    Activation checkpointing (reentrant or not) recomputes the forward inside backward; state
+    that must change once per real forward (expert-load counts) skips those recomputations.
+    """
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    if current_task is None or torch.compiler.is_compiling():
+        return False
+    return bool(current_task() != -1)
+
+
+@dataclass(frozen=True)
+class TopKSchemes:
+    """The optional routing schemes of a :class:`TopKRouter`, validated once (see its docstring).
+
+    Build with :meth:`validated`, which checks every field against the router's
+    ``num_experts``, ``top_k`` and ``score_func`` and resolves the defaults (``topk_groups``
+    None -> ``num_groups``; ``group_score="auto"`` -> ``"top2_sum"`` for sigmoid scores,
+    ``"max"`` for softmax).
+    """
+
+    noisy_gating: bool = False
+    noise_min_std: float = 1e-2
+    importance_loss_coef: float = 0.01
+    load_loss_coef: float = 0.01
+    expert_bias: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: GroupScore = "max"
+    routed_scaling_factor: float = 1.0
+    balance: BalanceMode = "batch"
+
+    @property
+    def group_limited(self) -> bool:
+        return self.topk_groups < self.num_groups
+
+    @classmethod
+    def validated(
+        cls,
+        num_experts: int,
+        top_k: int,
+        score_func: ScoreFunc,
+        *,
+        noisy_gating: bool = False,
+        noise_min_std: float = 1e-2,
+        importance_loss_coef: float = 0.01,
+        load_loss_coef: float = 0.01,
+        expert_bias: bool = False,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
+        group_score: GroupScore = "auto",
+        routed_scaling_factor: float = 1.0,
+        balance: BalanceMode = "batch",
+    ) -> TopKSchemes:
+        min_std = check_nonnegative_float("noise_min_std", noise_min_std)
+        if noisy_gating and min_std == 0:
+            raise ValueError("noise_min_std: expected a value > 0 with noisy_gating, got 0")
+        groups = check_int("num_groups", num_groups, 1, num_experts)
+        if num_experts % groups != 0:
+            raise ValueError(
+                f"num_groups: expected a divisor of num_experts={num_experts}, got {num_groups}"
+            )
+        used_groups = check_int(
+            "topk_groups", groups if topk_groups is None else topk_groups, 1, groups
+        )
+        reachable = used_groups * (num_experts // groups)
+        if top_k > reachable:
+            raise ValueError(
+                f"topk_groups: {used_groups} groups of {num_experts // groups} "
+                f"experts hold {reachable} experts, fewer than top_k={top_k}"
+            )
+        if group_score not in ("auto", "top2_sum", "max"):
+            raise ValueError(
+                f"group_score: expected 'auto', 'top2_sum' or 'max', got {group_score!r}"
+            )
+        if group_score == "auto":
+            group_score = "top2_sum" if score_func == "sigmoid" else "max"
+        scaling = check_nonnegative_float("routed_scaling_factor", routed_scaling_factor)
+        if scaling == 0:
+            raise ValueError("routed_scaling_factor: expected a value > 0, got 0")
+        if noisy_gating and (expert_bias or used_groups < groups):
+            # the smooth load estimate assumes the top-k of the noisy logits is the selection
+            raise ValueError(
+                "noisy_gating: cannot be combined with expert_bias or group-limited routing "
+                f"(got expert_bias={expert_bias}, num_groups={groups}, "
+                f"topk_groups={used_groups})"
+            )
+        if balance not in ("batch", "sequence"):
+            raise ValueError(f"balance: expected 'batch' or 'sequence', got {balance!r}")
+        return cls(
+            noisy_gating=bool(noisy_gating),
+            noise_min_std=min_std,
+            importance_loss_coef=check_nonnegative_float(
+                "importance_loss_coef", importance_loss_coef
+            ),
+            load_loss_coef=check_nonnegative_float("load_loss_coef", load_loss_coef),
+            expert_bias=bool(expert_bias),
+            num_groups=groups,
+            topk_groups=used_groups,
+            group_score=group_score,
+            routed_scaling_factor=scaling,
+            balance=balance,
+        )
+
+
+class _Scheme(Generic[_T]):
+    """Read-only router attribute showing one field of its :class:`TopKSchemes`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, router: Any, owner: type | None = None) -> _T:
+        value: _T = getattr(router.schemes, self.name)
+        return value
+
+
+class TopKRouter(Router):
+    """Token-choice top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021; GShard).
+
+    Each token scores the E experts (``softmax`` or ``sigmoid`` of its logits) and goes to its
+    ``top_k`` best. With ``normalize_weights`` the k weights are rescaled to sum to 1 (Mixtral);
+    without, they are the raw scores (Switch top-1: then the router learns from the task loss;
+    with ``top_k=1`` normalising makes every weight 1, so the router learns only from aux losses).
+
+    ``capacity_factor=None`` is dropless. With a capacity factor ``cf`` each expert takes at most
+    ``C = ceil(cf * tokens * top_k / num_experts)`` slots, filled as in GShard: all first choices
+    in token order, then all second choices, and so on. Overflow slots are dropped for that
+    expert only (the token's output gets zero from that slot; the caller's residual carries it)
+    and are counted in the layer's ``stats``.
+
+    Aux losses (``RouterOutput.aux_losses``): ``load_balancing`` (Switch/GShard form, equals
+    ``top_k`` at perfect balance; for sigmoid scores the scores are normalised per token first)
+    weighted by ``balance_loss_coef``, and ``router_z`` weighted by ``z_loss_coef``. With
+    ``balance="sequence"`` the balance loss is computed per sequence and averaged (DeepSeek-V3's
+    complementary sequence-wise loss, same normalisation as the batch form).
+
+    Further routing schemes (keyword-only; the defaults give plain top-k routing):
+
+    * ``noisy_gating`` (Shazeer et al. 2017): in training, Gaussian noise of learned std
+      ``softplus(x @ W_noise) + noise_min_std`` is added to the logits before the top-k, and the
+      paper's losses are added: ``importance`` (``CV(sum of gates)^2``, weighted by
+      ``importance_loss_coef``) and ``load`` (``CV(smooth load estimate)^2``, weighted by
+      ``load_loss_coef``; in eval, without noise, the load is the hard count). ``W_noise`` starts
+      at zero as in the paper. The Switch balance loss stays: set ``balance_loss_coef=0`` for the
+      paper's recipe.
+    * ``expert_bias`` (DeepSeek-V3, aux-loss-free balancing; Wang et al. 2024): a float32 buffer
+      ``expert_bias`` ``[E]`` is added to the scores for the *selection* only; the combine weights
+      are the unbiased scores. While training, each real forward counts the experts chosen by
+      real tokens (checkpoint recomputations inside backward are not counted again, so
+      gradient accumulation and activation checkpointing are safe);
+      :func:`pytorch_mixtures.update_expert_bias` (once per optimizer step) moves the bias by
+      ``rate * sign(mean load - load)`` and resets the counts. Saved in the state dict.
+    * ``num_groups`` / ``topk_groups`` (DeepSeek-V3 group-limited routing): experts form
+      ``num_groups`` contiguous groups; each token picks its top-k only among its
+      ``topk_groups`` best groups. A group's score (``group_score="auto"``) is the sum of its two
+      best selection scores for sigmoid scoring (DeepSeek-V3) and its best score for softmax
+      (DeepSeek-V2); ``"top2_sum"`` or ``"max"`` force one rule.
+    * ``routed_scaling_factor``: multiplies the final combine weights (DeepSeek-V3's 2.5).
+
+    Args:
+        dim: model dimension D.
+        num_experts: E.
+        top_k: slots per token, in ``[1, num_experts]``.
+        capacity_factor: None (dropless) or > 0.
+        score_func: ``"softmax"`` or ``"sigmoid"``.
+        normalize_weights: rescale the k chosen scores to sum to 1.
+        jitter_noise: Switch's multiplicative input jitter ``U(1-eps, 1+eps)``, training only.
+        balance_loss_coef: weight of the balance loss in ``aux_loss``.
+        z_loss_coef: weight of the z-loss in ``aux_loss``.
+        init_std: std of the router weight init (default 0.02).
+        noisy_gating: add the learned-std noise of Shazeer et al. 2017 in training.
+        noise_min_std: floor added to the learned noise std (tensor2tensor's 1e-2).
+        importance_loss_coef: weight of the 2017 importance loss (noisy gating only).
+        load_loss_coef: weight of the 2017 load loss (noisy gating only).
+        expert_bias: aux-loss-free balancing bias on the selection scores.
+        num_groups: expert groups G (dividing E) for group-limited routing; 1 disables it.
+        topk_groups: groups each token may use, in ``[1, G]`` (default G: no limit).
+        group_score: ``"auto"``, ``"top2_sum"`` or ``"max"``.
+        routed_scaling_factor: > 0, multiplies the combine weights.
+        balance: ``"batch"`` (Switch/GShard over all tokens) or ``"sequence"`` (per sequence).
+    """
+
+    is_causal = True
+    expert_bias: Tensor | None
+    noisy_gating = _Scheme[bool]()
+    noise_min_std = _Scheme[float]()
+    importance_loss_coef = _Scheme[float]()
+    load_loss_coef = _Scheme[float]()
+    num_groups = _Scheme[int]()
+    topk_groups = _Scheme[int]()
+    group_score = _Scheme[GroupScore]()
+    routed_scaling_factor = _Scheme[float]()
+    balance = _Scheme[BalanceMode]()
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        capacity_factor: float | None = None,
+        score_func: ScoreFunc = "softmax",
+        normalize_weights: bool = True,
+        jitter_noise: float = 0.0,
+        balance_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        init_std: float | None = None,
+        noisy_gating: bool = False,
+        noise_min_std: float = 1e-2,
+        importance_loss_coef: float = 0.01,
+        load_loss_coef: float = 0.01,
+        expert_bias: bool = False,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
+        group_score: GroupScore = "auto",
+        routed_scaling_factor: float = 1.0,
+        balance: BalanceMode = "batch",
+    ) -> None:
+        super().__init__(dim, num_experts, init_std)
+        self.top_k = check_int("top_k", top_k, 1, num_experts)
+        self.capacity_factor = check_capacity_factor(capacity_factor)
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
+        self.score_func: ScoreFunc = score_func
+        self.normalize_weights = bool(normalize_weights)
+        jitter = check_nonnegative_float("jitter_noise", jitter_noise)
+        if jitter >= 1:
+            raise ValueError(f"jitter_noise: expected a value in [0, 1), got {jitter_noise}")
+        self.jitter_noise = jitter
+        self.balance_loss_coef = check_nonnegative_float("balance_loss_coef", balance_loss_coef)
+        self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
+        if top_k == 1 and normalize_weights and score_func == "softmax":
+            warnings.warn(
+                "TopKRouter(top_k=1, normalize_weights=True): every weight is 1, so the router "
+                "learns only from the aux losses; Switch-style top-1 uses normalize_weights=False",
+                stacklevel=2,
+            )
+        self.schemes = TopKSchemes.validated(
+            num_experts,
+            self.top_k,
+            score_func,
+            noisy_gating=noisy_gating,
+            noise_min_std=noise_min_std,
+            importance_loss_coef=importance_loss_coef,
+            load_loss_coef=load_loss_coef,
+            expert_bias=expert_bias,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            routed_scaling_factor=routed_scaling_factor,
+            balance=balance,
+        )
+        # W_noise starts at zero (Shazeer et al. 2017, appendix A): noise std softplus(0)
+        self.noise_gate = nn.Linear(dim, num_experts, bias=False) if noisy_gating else None
+        if self.noise_gate is not None:
+            nn.init.zeros_(self.noise_gate.weight)
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        # real-forward load counts since the last bias update; a plain attribute, not a buffer,
+        # so DDP's buffer broadcast cannot overwrite one rank's counts with another's
+        self._load_counts: Tensor | None = None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TopKRouter:
+        # ``model.half()`` / ``.to(bfloat16)`` must not round the bias: +-1e-3 updates vanish
+        # in bf16. Keep it float32, only following the device.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        moved = self.expert_bias
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self.expert_bias = bias.to(device=moved.device)
+        return self
+
+    @torch.no_grad()
+    def _count_loads(self, expert_ids_NK: Tensor, mask_N: Tensor | None) -> None:
+        ids_S = expert_ids_NK.reshape(-1)
+        if mask_N is not None:
+            # padding slots go to a sentinel bin that is cut off
+            ids_S = torch.where(mask_N.repeat_interleave(self.top_k), ids_S, self.num_experts)
+        counts_E = torch.bincount(ids_S, minlength=self.num_experts + 1)[: self.num_experts]
+        if self._load_counts is None:
+            self._load_counts = counts_E
+        else:  # .to() on the model does not move this plain attribute: follow the counts
+            self._load_counts = self._load_counts.to(counts_E.device) + counts_E
+
+    @property
+    def pending_loads(self) -> Tensor | None:
+        """``[E]`` int64 experts chosen by real tokens in training forwards since the last
+        :meth:`update_expert_bias` (None before the first; only counted with ``expert_bias``)."""
+        return self._load_counts
+
+    @torch.no_grad()
+    def update_expert_bias(
+        self, rate: float = 1e-3, *, all_reduce: bool = True, group: object = None
+    ) -> Tensor | None:
+        """DeepSeek-V3's bias update: ``bias += rate * sign(mean(load) - load)``, counts reset.
+
+        Overloaded experts' bias goes down, underloaded ones' goes up. ``load`` is the counts
+        since the last call; when ``torch.distributed`` is initialised and ``all_reduce`` is
+        True they are summed over ``group`` first, so every rank applies the same update.
+
+        Returns:
+            ``[E]`` the loads used (None when nothing was counted; the bias is then unchanged).
+        """
+        if self.expert_bias is None:
+            raise ValueError("update_expert_bias: this router was built with expert_bias=False")
+        rate = check_nonnegative_float("rate", rate)
+        loads = self._load_counts
+        if loads is None:
+            return None
+        loads = loads.clone()
+        if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads, group=group)
+        loads_E = loads.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(loads_E.mean() - loads_E)
+        self._load_counts = None
+        return loads
+
+    def route(
+        self, x_BTD: Tensor, mask_BT: Tensor | None, token_ids: Tensor | None
+    ) -> RouterOutput:
+        x_ND = x_BTD.reshape(-1, self.dim)
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(x_ND).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
+            x_ND = x_ND * noise
+        clean_logits_NE = self._logits(x_ND)
+        logits_NE, noise_std_NE = self._noisy_logits(x_ND, clean_logits_NE)
+        if self.score_func == "softmax":
+            probs_NE = logits_NE.softmax(dim=-1)
+            balance_probs_NE = probs_NE
+        else:
+            probs_NE = logits_NE.sigmoid()
+            balance_probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        expert_ids_NK, gates_NK = self._select(probs_NE)
+        weights_NK = gates_NK
+        if self.routed_scaling_factor != 1.0:
+            weights_NK = gates_NK * self.routed_scaling_factor
+        if self.expert_bias is not None and self.training and not _in_autograd_backward():
+            self._count_loads(expert_ids_NK, mask_N)
+        kept_NK, capacity = token_choice_keep(
+            expert_ids_NK, mask_N, self.capacity_factor, self.num_experts
+        )
+        aux_losses = self._aux_losses(
+            x_BTD.shape[:2], clean_logits_NE, balance_probs_NE, expert_ids_NK, mask_BT
+        )
+        if noise_std_NE is not None:
+            gates_NE = torch.zeros_like(probs_NE).scatter(-1, expert_ids_NK, gates_NK)
+            aux_losses.update(
+                self._noisy_gating_losses(
+                    clean_logits_NE, logits_NE, noise_std_NE, gates_NE, mask_N
+                )
+            )
+        coefs = {
+            "load_balancing": self.balance_loss_coef,
+            "router_z": self.z_loss_coef,
+            "importance": self.importance_loss_coef,
+            "load": self.load_loss_coef,
+        }
+        weighted = sum(
+            (coefs[name] * loss for name, loss in aux_losses.items()),
+            start=torch.zeros((), device=x_BTD.device),
+        )
+        return token_major_output(
+            logits_NE, probs_NE, expert_ids_NK, weights_NK, kept_NK, mask_N, capacity,
+            aux_losses, weighted,
+        )  # fmt: skip
+
+    def _noisy_logits(self, x_ND: Tensor, clean_logits_NE: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Noisy top-k gating: the logits the top-k is taken on, and the noise std (None
+        without ``noisy_gating``). Noise is drawn in training only."""
+        if self.noise_gate is None:
+            return clean_logits_NE, None
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            noise_logits_NE = F.linear(
+                x_ND.to(clean_logits_NE.dtype), self.noise_gate.weight.to(clean_logits_NE.dtype)
+            )
+        noise_std_NE = softplus_noise_std(noise_logits_NE, self.noise_min_std)
+        if not self.training:
+            return clean_logits_NE, noise_std_NE
+        return clean_logits_NE + torch.randn_like(clean_logits_NE) * noise_std_NE, noise_std_NE
+
+    def _select(self, probs_NE: Tensor) -> tuple[Tensor, Tensor]:
+        """The top-k experts ``[N, K]`` and their gates ``[N, K]`` (renormalised if asked).
+
+        The expert bias and group limits change which experts are selected, never the gates:
+        those are always the unbiased scores.
+        """
+        select_NE = probs_NE
+        if self.expert_bias is not None:
+            select_NE = probs_NE.detach() + self.expert_bias.to(probs_NE.dtype)
+        if self.schemes.group_limited:
+            select_NE = group_limited_scores(
+                select_NE, self.num_groups, self.topk_groups, self.group_score
+            )
+        if select_NE is probs_NE:
+            gates_NK, expert_ids_NK = probs_NE.topk(self.top_k, dim=-1)
+        else:
+            expert_ids_NK = select_NE.topk(self.top_k, dim=-1).indices
+            gates_NK = probs_NE.gather(-1, expert_ids_NK)
+        if self.normalize_weights:
+            gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return expert_ids_NK, gates_NK
+
+    def _aux_losses(
+        self,
+        batch_shape: torch.Size,
+        clean_logits_NE: Tensor,
+        balance_probs_NE: Tensor,
+        expert_ids_NK: Tensor,
+        mask_BT: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The balance loss (per batch or per sequence) and the z-loss, unweighted."""
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+        if self.balance == "batch":
+            balance_loss = balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N)
+        else:
+            batch, seq_len = batch_shape
+            balance_loss = sequence_balance_loss(
+                balance_probs_NE.float().reshape(batch, seq_len, self.num_experts),
+                expert_ids_NK.reshape(batch, seq_len, self.top_k),
+                mask_BT,
+            )
+        return {"load_balancing": balance_loss, "router_z": router_z_loss(clean_logits_NE, mask_N)}
+
+    def _noisy_gating_losses(
+        self,
+        clean_logits_NE: Tensor,
+        logits_NE: Tensor,
+        noise_std_NE: Tensor,
+        gates_NE: Tensor,
+        mask_N: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """Shazeer et al. 2017's importance and load losses, unweighted."""
+        if self.training:
+            load_E = noisy_top_k_load(clean_logits_NE, logits_NE, noise_std_NE, self.top_k, mask_N)
+        else:  # no noise, no smooth estimate: the hard count (tensor2tensor's choice)
+            load_E = (gates_NE > 0).to(gates_NE.dtype)
+            if mask_N is not None:
+                load_E = load_E * mask_N.unsqueeze(-1)
+            load_E = load_E.sum(dim=0)
+        return {
+            "importance": importance_loss(gates_NE, mask_N).float(),
+            "load": cv_squared(load_E).float(),
+        }
+
+    def extra_repr(self) -> str:
+        extra = ""
+        if self.noisy_gating:
+            extra += ", noisy_gating=True"
+        if self.expert_bias is not None:
+            extra += ", expert_bias=True"
+        if self.schemes.group_limited:
+            extra += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
+        if self.routed_scaling_factor != 1.0:
+            extra += f", routed_scaling_factor={self.routed_scaling_factor}"
+        if self.balance != "batch":
+            extra += f", balance={self.balance!r}"
+        return (
+            f"{super().extra_repr()}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+            f"score_func={self.score_func!r}, normalize_weights={self.normalize_weights}{extra}"
+        )
+
+
+TopkRouter = TopKRouter
+"""Alias of :class:`TopKRouter` (the seed package's spelling)."""
+
+
+def update_expert_bias(
+    model: nn.Module, rate: float = 1e-3, *, all_reduce: bool = True, group: object = None
+) -> dict[str, Tensor]:
+    """Apply DeepSeek-V3's aux-loss-free bias update to every bias-balanced router in ``model``.
+
+    For each ``TopKRouter(expert_bias=True)``: ``bias += rate * sign(mean(load) - load)`` with
+    ``load`` the experts chosen by real tokens in the training forwards since the last call,
+    then the counts are reset. Call it once per optimizer step (after the last micro-batch of
+    a gradient-accumulation step). Counts are all-reduced over ``group`` when
+    ``torch.distributed`` is initialised (``all_reduce=True``), so ranks stay in sync.
+
+    Args:
+        model: any module containing the routers (or a router itself).
+        rate: the bias update speed gamma (DeepSeek-V3: 1e-3), >= 0.
+        all_reduce: sum the counts over ``group`` when distributed.
+        group: the process group (default: the world).
+
+    Returns:
+        Module name -> ``[E]`` int64 loads used, for the routers that had counted forwards.
+
+    Raises:
+        ValueError: when ``model`` holds no router with ``expert_bias=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    found = False
+    used: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            found = True
+            loads = module.update_expert_bias(rate, all_reduce=all_reduce, group=group)
+            if loads is not None:
+                used[name] = loads
+    if not found:
+        raise ValueError(
+            "model: contains no TopKRouter(expert_bias=True); build the routers with "
+            "expert_bias=True to use update_expert_bias"
+        )
+    return used

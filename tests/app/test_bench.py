@@ -1,0 +1,49 @@
+"""The benchmark (``pytorch_mixtures.app.bench``, ``pytorch-mixtures bench``): its baseline is a
+correct MoE, every candidate runs and reports, and the subcommand writes its JSON."""
+
+from __future__ import annotations
+
+import torch
+
+import pytorch_mixtures as pm
+from pytorch_mixtures.app.bench import CONFIGS, NaiveMaskedLoopMoE, run_bench
+
+# odd dims, as in test_backends.py
+DIM, HIDDEN, EXPERTS = 6, 10, 5
+
+
+def test_bench_baseline_is_a_correct_moe():
+    """The benchmark's naive masked loop computes the same MoE as MoELayer (fair baseline)."""
+    torch.manual_seed(9)
+    naive = NaiveMaskedLoopMoE(DIM, EXPERTS, HIDDEN, 2)
+    moe = pm.MoELayer(
+        DIM, pm.TopKRouter(DIM, EXPERTS, 2), pm.SwiGLUExperts(EXPERTS, DIM, HIDDEN, backend="auto")
+    )
+    with torch.no_grad():
+        moe.router.gate.weight.copy_(naive.gate.weight)
+        for e, expert in enumerate(naive.experts):
+            moe.experts.w_gate_up[e].copy_(expert.gate_up.weight.T)
+            moe.experts.w_down[e].copy_(expert.down.weight.T)
+    x = torch.randn(2, 5, DIM)
+    torch.testing.assert_close(naive(x), moe(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bench_runs_and_reports_every_candidate():
+    result = run_bench(CONFIGS["tiny"], repeats=1, warmup=0, memory=False, threads=None)
+    assert result.fwd_ratio["dense-equivalent"] == 1.0
+    for name in ["moe[loop]", "moe[auto]", "moe[bmm] cf=1.25", "naive masked loop"]:
+        assert result.fwd_ratio[name] > 0 and result.fwd_bwd_ratio[name] > 0
+
+
+def test_cli_bench_subcommand(tmp_path, capsys):
+    from pytorch_mixtures.app.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--config", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory"]
+    assert main([*args, "--only", "moe[auto]", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "moe[auto]" in printed and "dense-equivalent" in printed
+    import json
+
+    (result,) = json.loads(out.read_text())
+    assert set(result["fwd_ratio"]) == {"dense-equivalent", "moe[auto]"}
