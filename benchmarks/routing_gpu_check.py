@@ -1,4 +1,4 @@
-"""GPU check of the routing schemes (issue 5): CUDA against CPU, bf16 autocast, bias counting.
+"""GPU check of the routing schemes: CUDA against CPU, bf16 autocast, bias counting.
 
 Run on a CUDA machine (falls back to CPU elsewhere), exit status 0 when everything holds::
 

@@ -580,31 +580,6 @@ def test_alias_and_exports():
     assert pm.mod.MixtureOfDepths is pm.MixtureOfDepths
 
 
-def test_old_mod_import_path_keeps_every_name():
-    """``pytorch_mixtures.mod`` (the module before the ``depth`` package) re-exports the same
-    objects under every name it had."""
-    import pytorch_mixtures.depth as depth
-    import pytorch_mixtures.interop.adapters as hf_adapters
-    import pytorch_mixtures.mod as old
-
-    assert set(old.__all__) == {
-        "BlockAdapter",
-        "CausalRouterName",
-        "GateName",
-        "HFDecoderLayerAdapter",
-        "MaskAdapter",
-        "MixtureOfDepths",
-        "MoDLayer",
-        "MoDStats",
-        "calibrate_thresholds",
-        "position_causal_mask",
-    }
-    for name in old.__all__:
-        home = hf_adapters if name == "HFDecoderLayerAdapter" else depth
-        assert getattr(old, name) is getattr(home, name), name
-    assert pm.HFDecoderLayerAdapter is old.HFDecoderLayerAdapter
-
-
 def test_readme_mixture_of_depths_example_runs():
     from pathlib import Path
 

@@ -7,7 +7,6 @@ on every rank from the same seed.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,16 +127,6 @@ def test_example_trains_and_checkpoint_loads_unsharded(
     pm.distributed.load_checkpoint(fresh, str(path))  # strict: every key present, right shapes
     changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, initial[k])]
     assert "blocks.0.moe.experts.w_gate_up" in changed and "embed.weight" in changed
-
-
-def test_package_reexports_each_public_name_from_its_module() -> None:
-    # by module path: the package attribute `expert_parallel` is the function, not the module
-    names = ("expert_parallel", "data_parallel", "checkpoint")
-    modules = [importlib.import_module(f"pytorch_mixtures.distributed.{name}") for name in names]
-    assert sorted(pm.distributed.__all__) == sorted(n for m in modules for n in m.__all__)
-    for name in pm.distributed.__all__:
-        (home,) = [m for m in modules if name in m.__all__]
-        assert getattr(pm.distributed, name) is getattr(home, name), name
 
 
 def test_group_by_expert_order_matches_a_loop() -> None:

@@ -81,10 +81,13 @@ def test_fused_combine_needs_the_loop_backend_on_cpu():
     where the experts cannot fuse: another backend, or experts that never fuse."""
     route = pm.TopKRouter(4, 2, 1, normalize_weights=False)(torch.randn(3, 4))
     x_ND = torch.randn(3, 4)
-    for experts, backend in ((pm.SwiGLUExperts(2, 4, 8, backend="bmm"), "bmm"),):
+    for experts, backend in (
+        (pm.SwiGLUExperts(2, 4, 8, backend="bmm"), "bmm"),
+        (pm.MLPExperts(2, 4, 8), "loop"),
+    ):
         assert not experts.fuses_combine(x_ND, backend)
         plan = pm.dispatch.plan_dispatch(route, backend=backend, fuse_combine=True)
-        with pytest.raises(ValueError, match="a fused combine needs the 'loop' backend"):
+        with pytest.raises(ValueError, match="a fused combine needs experts that fuse it"):
             experts(x_ND, plan.tokens_per_expert, plan=plan)
     swiglu = pm.SwiGLUExperts(2, 4, 8)
     assert swiglu.fuses_combine(x_ND, "loop")

@@ -65,6 +65,8 @@ class ExpertsBase(nn.Module):
     instead, which carries C and the backend it resolved. When ``plan.fuse_combine`` is True
     (only for experts whose :meth:`fuses_combine` said so), ``x`` is the ``[N, D]`` token rows
     and the result is the combined ``[N, D]`` output.
+
+    ``forward`` is the one preamble (checks, backend); subclasses implement :meth:`run`.
     """
 
     num_experts: int
@@ -83,14 +85,6 @@ class ExpertsBase(nn.Module):
         """Whether, for this call, ``forward`` reads token rows and applies the dispatcher's
         combine itself (``plan.fuse_combine``). False unless a subclass fuses it."""
         return False
-
-    def _call_backend(
-        self, x: Tensor, max_rows_per_expert: int | None, plan: DispatchPlan | None
-    ) -> tuple[ConcreteBackend, int | None]:
-        """The backend and capacity bound of one call: the plan's, or resolved here."""
-        if plan is not None:
-            return plan.backend, plan.max_rows_per_expert
-        return self.resolve_backend(x, max_rows_per_expert), max_rows_per_expert
 
     def _check_counts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> None:
         if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
@@ -117,6 +111,31 @@ class ExpertsBase(nn.Module):
         max_rows_per_expert: int | None = None,
         plan: DispatchPlan | None = None,
     ) -> Tensor:
+        """``[S, D]`` expert-sorted rows -> ``[S, D]`` unweighted outputs (padding rows zero);
+        with a fused-combine plan, ``[N, D]`` token rows -> ``[N, D]`` combined output."""
+        self._check_counts(x, tokens_per_expert_E)
+        if plan is None:
+            backend = self.resolve_backend(x, max_rows_per_expert)
+            return self.run(x, tokens_per_expert_E, backend, max_rows_per_expert, None)
+        fused = plan if plan.fuse_combine else None
+        if fused is not None and not self.fuses_combine(x, plan.backend):
+            raise ValueError(
+                f"plan: a fused combine needs experts that fuse it (fuses_combine: SwiGLU "
+                f"experts on the 'loop' backend on CPU); got {type(self).__name__} with "
+                f"backend={plan.backend!r} on {x.device.type}"
+            )
+        return self.run(x, tokens_per_expert_E, plan.backend, plan.max_rows_per_expert, fused)
+
+    def run(
+        self,
+        x: Tensor,
+        tokens_per_expert_E: Tensor,
+        backend: ConcreteBackend,
+        max_rows_per_expert: int | None,
+        fused: DispatchPlan | None,
+    ) -> Tensor:
+        """The experts' computation on checked input with a concrete ``backend``; ``fused`` is
+        the dispatcher's plan when this call also applies the combine (else None)."""
         raise NotImplementedError
 
     def _load_from_state_dict(
@@ -195,18 +214,15 @@ class MLPExperts(ExpertsBase):
             _init_stacked(self.b_in, self.dim)
             _init_stacked(self.b_out, self.hidden_dim)
 
-    def forward(
+    def run(
         self,
         x: Tensor,
         tokens_per_expert_E: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-        plan: DispatchPlan | None = None,
+        backend: ConcreteBackend,
+        max_rows_per_expert: int | None,
+        fused: DispatchPlan | None,
     ) -> Tensor:
-        """``[S, D]`` expert-sorted rows -> ``[S, D]`` unweighted outputs (padding rows zero)."""
-        self._check_counts(x, tokens_per_expert_E)
-        backend, max_rows = self._call_backend(x, max_rows_per_expert, plan)
-        rows = group_rows(x, tokens_per_expert_E, backend, max_rows)
+        rows = group_rows(x, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_in, self.b_in).map(self._act)
         return hidden.linear(self.w_out, self.b_out).rows()
 
@@ -254,35 +270,26 @@ class SwiGLUExperts(ExpertsBase):
         _init_stacked(self.w_gate_up, self.dim)
         _init_stacked(self.w_down, self.hidden_dim)
 
-    def forward(
+    def run(
         self,
         x: Tensor,
         tokens_per_expert_E: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-        plan: DispatchPlan | None = None,
+        backend: ConcreteBackend,
+        max_rows_per_expert: int | None,
+        fused: DispatchPlan | None,
     ) -> Tensor:
-        """``[S, D]`` expert-sorted rows -> ``[S, D]`` unweighted outputs (padding rows zero);
-        with a fused-combine plan, ``[N, D]`` token rows -> ``[N, D]`` combined output."""
-        self._check_counts(x, tokens_per_expert_E)
-        backend, max_rows = self._call_backend(x, max_rows_per_expert, plan)
-        if plan is not None and plan.fuse_combine:
-            if not self.fuses_combine(x, backend):
-                raise ValueError(
-                    "plan: a fused combine needs the 'loop' backend on CPU (fuses_combine); "
-                    f"got backend={backend!r} on {x.device.type}"
-                )
-            return self._segment_swiglu(x, tokens_per_expert_E, plan.weights, plan.token_rows)
+        if fused is not None:  # token rows in, weighted and summed token rows out
+            return self._segment_swiglu(x, tokens_per_expert_E, fused.weights, fused.token_rows)
         if backend == "loop":
             return self._segment_swiglu(x, tokens_per_expert_E, None, None)
-        rows = group_rows(x, tokens_per_expert_E, backend, max_rows)
+        rows = group_rows(x, tokens_per_expert_E, backend, max_rows_per_expert)
         return rows.linear(self.w_gate_up).map(_swiglu).linear(self.w_down).rows()
 
     def fuses_combine(self, x_ND: Tensor, backend: ConcreteBackend) -> bool:
         """True for the ``"loop"`` backend on CPU (elsewhere the adds into token rows would be
-        atomic, so not deterministic) when ``forward`` is this class's own."""
-        if type(self).forward is not SwiGLUExperts.forward:
-            return False  # a subclass's forward may not know fused plans
+        atomic, so not deterministic), unless a subclass replaced the computation."""
+        if type(self).run is not SwiGLUExperts.run or type(self).forward is not ExpertsBase.forward:
+            return False  # a subclass's computation may not know fused plans
         return backend == "loop" and x_ND.device.type == "cpu"
 
     def _segment_swiglu(
@@ -330,16 +337,15 @@ class ModuleListExperts(ExpertsBase):
         self.num_experts = len(modules)
         self.dim = check_int("dim", dim)
 
-    def forward(
+    def run(
         self,
         x: Tensor,
         tokens_per_expert_E: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-        plan: DispatchPlan | None = None,
+        backend: ConcreteBackend,
+        max_rows_per_expert: int | None,
+        fused: DispatchPlan | None,
     ) -> Tensor:
-        """``[S, D]`` expert-sorted rows -> ``[S, D]``: each module on its contiguous slice."""
-        self._check_counts(x, tokens_per_expert_E)
+        """Each module on its contiguous slice of the sorted rows."""
         bounds = group_bounds(tokens_per_expert_E)
         if bounds[-1] > x.shape[0]:
             raise ValueError(

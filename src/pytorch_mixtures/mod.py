@@ -6,26 +6,8 @@ and :mod:`~pytorch_mixtures.depth.adapters`) and, for the Hugging Face decoder-l
 here unchanged (``pm.mod.MixtureOfDepths is pm.MixtureOfDepths``).
 """
 
-from .depth.adapters import BlockAdapter, MaskAdapter, position_causal_mask
-from .depth.mixture_of_depths import (
-    CausalRouterName,
-    GateName,
-    MixtureOfDepths,
-    MoDLayer,
-    MoDStats,
-    calibrate_thresholds,
-)
+from .depth import *  # noqa: F403  (the old path re-exports the whole package)
+from .depth import __all__ as _depth_names
 from .interop.adapters import HFDecoderLayerAdapter
 
-__all__ = [
-    "BlockAdapter",
-    "CausalRouterName",
-    "GateName",
-    "HFDecoderLayerAdapter",
-    "MaskAdapter",
-    "MixtureOfDepths",
-    "MoDLayer",
-    "MoDStats",
-    "calibrate_thresholds",
-    "position_causal_mask",
-]
+__all__ = [*_depth_names, "HFDecoderLayerAdapter"]

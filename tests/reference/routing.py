@@ -1,4 +1,4 @@
-"""Naive references for the routing schemes of issue 5: Python loops over tokens and experts.
+"""Naive references for the routing schemes: Python loops over tokens and experts.
 
 They follow the papers' definitions literally (kth_excluding, per-slot softmaxes, ...) and
 exist only to be obviously correct.

@@ -44,6 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import (
+    check_features,
+    check_int,
+    check_mask,
+    check_nonnegative_float,
+    check_shape,
+)
 from ..losses import AuxLossModule
 from .adapters import BlockAdapter
 
@@ -159,8 +166,7 @@ class MixtureOfDepths(AuxLossModule):
         super().__init__()
         if not isinstance(block, nn.Module):
             raise TypeError(f"block: expected an nn.Module, got {type(block).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
+        check_int("dim", dim)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
             raise TypeError(f"capacity: expected a float in (0, 1], got {capacity!r}")
         if not (0.0 < capacity <= 1.0):
@@ -171,10 +177,7 @@ class MixtureOfDepths(AuxLossModule):
             raise ValueError(
                 f"causal_router: expected one of {list(_CAUSAL_ROUTERS)}, got {causal_router!r}"
             )
-        if isinstance(aux_loss_coef, bool) or not isinstance(aux_loss_coef, (int, float)):
-            raise TypeError(f"aux_loss_coef: expected a float >= 0, got {aux_loss_coef!r}")
-        if not math.isfinite(aux_loss_coef) or aux_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef: expected a finite float >= 0, got {aux_loss_coef}")
+        check_nonnegative_float("aux_loss_coef", aux_loss_coef)
         self.dim = dim
         self.capacity = float(capacity)
         self.gate = gate
@@ -374,16 +377,9 @@ class MixtureOfDepths(AuxLossModule):
     def _check_input(
         self, x: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None
     ) -> Tensor | None:
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"x: expected a floating-point Tensor [B, T, D], got {kind}")
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected shape [B, T, {self.dim}], got {tuple(x.shape)}")
-        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if t is not None and (not isinstance(t, Tensor) or t.shape != x.shape[:2]):
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name}: expected shape {tuple(x.shape[:2])}, got {shape}")
-        return None if attention_mask is None else attention_mask.bool()
+        check_features(x, self.dim, (3,), f"[B, T, {self.dim}]")
+        check_shape("position_ids", position_ids, tuple(x.shape[:2]))
+        return check_mask(attention_mask, x, (tuple(x.shape[:2]),))
 
     @torch.no_grad()
     def calibrate_threshold(

@@ -26,6 +26,7 @@ from ..experts import ExpertsBase, ModuleListExperts
 from ..moe_layer import MoELayer
 
 if TYPE_CHECKING:
+    from ..backends import ConcreteBackend
     from ..dispatch import DispatchPlan
 
 __all__ = [
@@ -202,35 +203,26 @@ class ExpertParallelExperts(ExpertsBase):
                 param.register_hook(functools.partial(_scale_grad, self))
         self._hooked = True
 
-    def forward(
+    def run(
         self,
         x_SD: Tensor,
         tokens_per_expert_E: Tensor,
-        *,
-        max_rows_per_expert: int | None = None,
-        plan: DispatchPlan | None = None,
+        backend: ConcreteBackend,
+        max_rows_per_expert: int | None,
+        fused: DispatchPlan | None,
     ) -> Tensor:
         """Send rows to their experts' owners, compute there, and bring the outputs back.
 
-        Args:
-            x_SD: ``[S, D]`` rows grouped by global expert; rows past
-                ``tokens_per_expert.sum()`` are padding.
-            tokens_per_expert_E: ``[E]`` int64 rows per global expert.
-            max_rows_per_expert: the experts interface's capacity bound; unused here (rows
-                are exchanged with variable split sizes).
-            plan: the dispatcher's plan for the *global* call; unused here (this rank's experts
-                resolve their own backend for the rows they receive, and the combine is never
-                fused: :meth:`fuses_combine` stays False).
+        ``x_SD`` ``[S, D]`` rows grouped by global expert (rows past
+        ``tokens_per_expert.sum()`` are padding), ``tokens_per_expert_E`` ``[E]`` rows per
+        global expert. ``backend`` and ``max_rows_per_expert`` are unused: rows are exchanged
+        with variable split sizes and this rank's experts resolve their own backend for the rows
+        they receive; the combine is never fused (:meth:`fuses_combine` stays False).
 
         Returns:
             ``[S, D]`` expert outputs in the same row order (zero for padding rows).
         """
         world, local = self.world_size, self.num_local_experts
-        if tokens_per_expert_E.shape != (self.num_experts,):
-            raise ValueError(
-                f"tokens_per_expert: expected shape ({self.num_experts},), "
-                f"got {tuple(tokens_per_expert_E.shape)}"
-            )
         send_counts_WL = tokens_per_expert_E.to(torch.int64).reshape(world, local).contiguous()
         recv_counts_WL = torch.empty_like(send_counts_WL)
         dist.all_to_all_single(recv_counts_WL, send_counts_WL, group=self.group)

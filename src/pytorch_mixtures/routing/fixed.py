@@ -28,16 +28,19 @@ __all__ = ["HashRouter", "UniformRouter"]
 UniformMode = Literal["random", "round_robin"]
 
 
-def _token_choice_output(
+def _fixed_output(
     x_BTD: Tensor,
     expert_ids_NK: Tensor,
     probs_NE: Tensor,
-    weights_NK: Tensor,
-    mask_N: Tensor | None,
+    weight: float,
+    mask_BT: Tensor | None,
     capacity_factor: float | None,
 ) -> RouterOutput:
-    """A token-major :class:`RouterOutput` with GShard capacity (as ``TopKRouter``'s)."""
+    """A token-major :class:`RouterOutput` with every slot weighted ``weight``, GShard capacity
+    (as ``TopKRouter``'s), ``probs`` as logits and no aux loss."""
     num_experts = probs_NE.shape[-1]
+    mask_N = None if mask_BT is None else mask_BT.reshape(-1)
+    weights_NK = torch.full(expert_ids_NK.shape, weight, dtype=probs_NE.dtype, device=x_BTD.device)
     kept_NK, capacity = token_choice_keep(expert_ids_NK, mask_N, capacity_factor, num_experts)
     zero = torch.zeros((), device=x_BTD.device)
     return token_major_output(
@@ -97,11 +100,7 @@ class HashRouter(Router):
         expert_ids_N1 = self.hash_table[ids_N.to(self.hash_table.device)].to(device).view(-1, 1)
         dtype = torch.promote_types(x_BTD.dtype, torch.float32)
         probs_NE = F.one_hot(expert_ids_N1.view(-1), self.num_experts).to(dtype)
-        weights_N1 = torch.ones(expert_ids_N1.shape, dtype=dtype, device=device)
-        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
-        return _token_choice_output(
-            x_BTD, expert_ids_N1, probs_NE, weights_N1, mask_N, self.capacity_factor
-        )
+        return _fixed_output(x_BTD, expert_ids_N1, probs_NE, 1.0, mask_BT, self.capacity_factor)
 
     def extra_repr(self) -> str:
         return (
@@ -165,10 +164,8 @@ class UniformRouter(Router):
         probs_NE = torch.full(
             (num_tokens, num_experts), 1.0 / num_experts, dtype=dtype, device=device
         )
-        weights_NK = torch.full((num_tokens, top_k), 1.0 / top_k, dtype=dtype, device=device)
-        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
-        return _token_choice_output(
-            x_BTD, expert_ids_NK, probs_NE, weights_NK, mask_N, self.capacity_factor
+        return _fixed_output(
+            x_BTD, expert_ids_NK, probs_NE, 1.0 / top_k, mask_BT, self.capacity_factor
         )
 
     def extra_repr(self) -> str:
