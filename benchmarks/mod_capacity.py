@@ -2,7 +2,7 @@
 
 For each capacity c, times ``MixtureOfDepths(block, c)`` and the plain ``block`` on the same
 input, alternating, and prints the median of the pairwise ratios ``MoD / block`` for forward and
-forward+backward. The target (DESIGN §4): about ``c`` plus the router and gather/scatter.
+forward+backward. The target: about ``c`` plus the router and gather/scatter.
 
     python benchmarks/mod_capacity.py [--dim 256] [--seq 512] [--batch 4] [--threads 2]
 """
