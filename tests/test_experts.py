@@ -98,3 +98,49 @@ def test_fused_combine_needs_the_loop_backend_on_cpu():
     fused = swiglu(x_ND, plan.tokens_per_expert, plan=plan)
     sorted_out = swiglu(pm.dispatch.permute(x_ND, plan), plan.tokens_per_expert)
     torch.testing.assert_close(fused, pm.dispatch.combine(sorted_out, plan))
+
+
+class _ScaledExperts(pm.experts.ExpertsBase):
+    """A 0.2-style custom experts class: it implements only ``expert_forward``."""
+
+    def __init__(self, num_experts: int, dim: int) -> None:
+        super().__init__()
+        self.num_experts, self.dim = num_experts, dim
+        self.scale = torch.nn.Parameter(torch.arange(1.0, num_experts + 1).double())
+
+    def expert_forward(self, index: int, x_nD: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x_nD) * self.scale[index]
+
+
+class _OwnForwardExperts(_ScaledExperts):
+    """A 0.2-style subclass with its own ``forward(x, counts, *, max_rows_per_expert=None)``."""
+
+    def forward(self, x_SD, tokens_per_expert_E, *, max_rows_per_expert=None):
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_experts), tokens_per_expert_E, output_size=None
+        )
+        out = torch.zeros_like(x_SD)
+        rows = expert_of_row.numel()
+        out[:rows] = torch.tanh(x_SD[:rows]) * self.scale[expert_of_row].unsqueeze(-1)
+        return out
+
+
+@pytest.mark.parametrize("cls", [_ScaledExperts, _OwnForwardExperts])
+@pytest.mark.parametrize("train", [True, False])
+def test_custom_experts_of_the_02_interface_work_in_a_layer(cls, train):
+    """Custom experts written against 0.2 (only ``expert_forward``, or an own ``forward``
+    without ``plan``) run inside MoELayer, training and eval, and equal a per-token loop."""
+    torch.manual_seed(7)
+    experts = cls(4, DIM)
+    router = pm.TopKRouter(DIM, 4, 2, init_std=1.0).double()
+    moe = pm.MoELayer(DIM, router, experts).train(train)
+    x = torch.randn(2, 3, DIM, dtype=torch.float64, requires_grad=True)
+    y = moe(x)
+    route = router.eval()(x) if not train else router(x)
+    want = torch.zeros(6, DIM, dtype=torch.float64)
+    for slot in range(route.token_ids.numel()):
+        n, e = int(route.token_ids[slot]), int(route.expert_ids[slot])
+        want[n] = want[n] + route.weights[slot] * torch.tanh(x.reshape(-1, DIM)[n]) * (e + 1)
+    torch.testing.assert_close(y.reshape(-1, DIM), want)
+    y.sum().backward()
+    assert experts.scale.grad is not None and x.grad is not None

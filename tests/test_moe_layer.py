@@ -385,3 +385,109 @@ def test_shared_experts_exactly_added(gated):
     assert (moe.shared_expert_gate is not None) == gated
     with pytest.raises(ValueError, match="shared_expert_gate"):
         pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), shared_expert_gate=True)
+
+
+# --------------------------------------------------------------------------- decode path
+
+DECODE_CASES = [
+    # top_k, router options, experts, tokens (B, T), masked
+    (2, {}, "swiglu", (1, 1), False),
+    (2, {}, "swiglu", (3, 2), True),
+    (1, {"normalize_weights": False}, "mlp", (4, 1), False),
+    (2, {"score_func": "sigmoid"}, "list", (2, 3), False),
+    (3, {"routed_scaling_factor": 2.5}, "swiglu", (2, 1), True),
+    (2, {"noisy_gating": True}, "swiglu", (2, 2), True),
+    (2, {"score_func": "sigmoid", "expert_bias": True, "num_groups": 2, "topk_groups": 1}, "mlp",
+     (2, 2), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("top_k", "options", "kind", "shape", "masked"), DECODE_CASES)
+def test_decode_path_matches_naive_reference_and_full_path(top_k, options, kind, shape, masked):
+    """Eval calls of few tokens take the decode path (no plan): output and every gradient equal
+    the naive per-token reference and the full path; aux losses and stats, read afterwards,
+    are the full path's."""
+    torch.manual_seed(top_k + len(options))
+    router = pm.TopKRouter(DIM, EXPERTS, top_k, init_std=1.0, **options)
+    if router.expert_bias is not None:
+        router.expert_bias.copy_(torch.randn(EXPERTS) * 0.3)
+    moe = pm.MoELayer(DIM, router, make_experts(kind)).double().eval()
+    x = torch.randn(*shape, DIM, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.ones(shape, dtype=torch.bool)
+        mask[0, 0] = False
+    params = list(moe.parameters())
+    decode_slots = []
+    original = pm.dispatch.run_chosen_experts
+
+    def spy(*args):
+        decode_slots.append(args[2].numel())
+        return original(*args)
+
+    pm.dispatch.run_chosen_experts = spy
+    try:
+        y, g = run_and_grad(lambda t: moe(t, attention_mask=mask), x, params)
+    finally:
+        pm.dispatch.run_chosen_experts = original
+    assert decode_slots == [shape[0] * shape[1] * top_k]  # the decode path ran
+    fast_aux, fast_stats, fast_losses = moe.aux_loss.detach(), moe.stats, moe.aux_losses
+
+    moe.decode_max_slots = 0  # the full path on the same input
+    y_full, g_full = run_and_grad(lambda t: moe(t, attention_mask=mask), x, params)
+    assert_same(y, y_full, g, g_full)
+    torch.testing.assert_close(fast_aux, moe.aux_loss.detach())
+    assert fast_losses.keys() == moe.aux_losses.keys()
+    assert torch.equal(fast_stats.tokens_per_expert, moe.stats.tokens_per_expert)
+    assert torch.equal(fast_stats.num_tokens, moe.stats.num_tokens)
+
+    if router.expert_bias is None and router.routed_scaling_factor == 1.0:
+        fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+        flat_mask = None if mask is None else mask.reshape(-1).tolist()
+        want, _ = naive_topk_moe(
+            x.detach().reshape(-1, DIM), router.gate.weight.detach(), fns, top_k,
+            score_func=router.score_func, normalize=router.normalize_weights,
+            token_mask=flat_mask,
+        )  # fmt: skip
+        torch.testing.assert_close(y.reshape(-1, DIM), want, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_path_is_skipped_where_it_cannot_apply():
+    """Training, a capacity, hooks on the experts, expert-choice routing and large calls all
+    take the full path."""
+    torch.manual_seed(0)
+    calls = []
+    original = pm.dispatch.run_chosen_experts
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    x = torch.randn(1, 2, DIM)
+    layers = {
+        "training": pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("swiglu")),
+        "capacity": pm.MoELayer(
+            DIM, pm.TopKRouter(DIM, EXPERTS, capacity_factor=1.0), make_experts("swiglu")
+        ).eval(),
+        "expert choice": pm.MoELayer(
+            DIM, pm.ExpertChoiceRouter(DIM, EXPERTS), make_experts("swiglu")
+        ).eval(),
+        "too many slots": pm.MoELayer(
+            DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("swiglu"), decode_max_slots=3
+        ).eval(),
+    }
+    hooked = pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("swiglu")).eval()
+    hooked.experts.register_forward_hook(lambda module, args, out: None)
+    layers["hooked experts"] = hooked
+    pm.dispatch.run_chosen_experts = spy
+    try:
+        for name, layer in layers.items():
+            with torch.no_grad():
+                layer(x)
+            assert calls == [], name
+        plain = pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("swiglu")).eval()
+        with torch.no_grad():
+            plain(x)
+        assert calls == [1]  # and the spy does see a decode-path call
+    finally:
+        pm.dispatch.run_chosen_experts = original

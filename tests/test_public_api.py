@@ -24,7 +24,7 @@ OLD_PATHS = {
     "load_balancing_loss router_z_loss",
     "pytorch_mixtures.checks": "check_input_matches layer_label load_state_dict_file "
     "name_layers raise_if_nonfinite readable_file",
-    "pytorch_mixtures.dispatch": "DispatchPlan combine permute plan_dispatch",
+    "pytorch_mixtures.dispatch": "DispatchPlan combine permute plan_dispatch sorted_weights",
     "pytorch_mixtures.stats": "RoutingStats routing_stats_from",
     "pytorch_mixtures.telemetry": "LayerStats plot_expert_load routing_stats",
     "pytorch_mixtures.utils": "MHSA",
@@ -42,7 +42,7 @@ OLD_PATHS = {
     "route_depths supported_blocks to_hf",
     "pytorch_mixtures.models": "Block KVCache LMOutput ModelConfig SwiGLU TransformerLM",
     "pytorch_mixtures.backends": "BACKENDS Backend GroupedRows group_rows grouped_mm_available "
-    "resolve_backend",
+    "resolve_backend segment_swiglu",
 }
 OLD_TOP_LEVEL = (
     "MHSA ExpertChoiceRouter HFDecoderLayerAdapter HashRouter MLPExperts MixtureOfDepths "

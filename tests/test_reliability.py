@@ -320,7 +320,7 @@ def test_load_state_dict_file_loads_what_was_saved(suffix, tmp_path):
         from safetensors.torch import save_file
 
         save_file(source.state_dict(), str(path))
-    target.load_state_dict(pm.checks.load_state_dict_file(path))
+    target.load_state_dict(pm.files.load_state_dict_file(path))
     assert_same(outputs(target, inputs), outputs(source, inputs))
 
 

@@ -4,6 +4,7 @@ noisy gating), expert choice capacity, hash and uniform routing; padding in ever
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -426,3 +427,15 @@ def test_uniform_router_random_picks_distinct_experts_with_balanced_loads():
 
 
 # --------------------------------------------------------------------------- telemetry
+
+
+def test_topk_schemes_are_read_only_and_validated_together():
+    router = pm.TopKRouter(DIM, 8, 2, num_groups=4, topk_groups=2)
+    assert router.schemes.num_groups == 4 and router.topk_groups == 2
+    assert router.schemes.group_limited and router.group_score == "max"
+    with pytest.raises(AttributeError, match="topk_groups: a TopKRouter's routing schemes"):
+        router.topk_groups = 4
+    assert router.topk_groups == 2  # unchanged, not shadowed
+    assert isinstance(pm.TopKRouter.num_groups, object)  # class access does not crash
+    copy = pickle.loads(pickle.dumps(router))
+    assert copy.schemes == router.schemes

@@ -35,7 +35,7 @@ class MHSA(nn.Module):
     ) -> None:
         super().__init__()
         check_int("dim", dim)
-        check_int("num_heads", num_heads, low=0)
+        check_int("num_heads", num_heads, low=None)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(
                 f"num_heads: expected a divisor of dim={dim}, got num_heads={num_heads}"

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import segment_mm
+from .kernels import segment_mm, segment_swiglu
 
 __all__ = [
     "BACKENDS",
@@ -48,7 +48,14 @@ __all__ = [
     "group_rows",
     "grouped_mm_available",
     "resolve_backend",
+    "segment_swiglu",
+    "use_decode_path",
 ]
+
+#: slots (tokens * top_k) up to which an eval call takes the decode path by default; measured
+#: with ``pytorch-mixtures bench --decode`` (README, "Performance": the direct loop wins up to
+#: here on CPU at the bench's sizes)
+DECODE_MAX_SLOTS = 32
 
 Backend = Literal["auto", "loop", "grouped_mm", "bmm"]
 ConcreteBackend = Literal["loop", "grouped_mm", "bmm"]
@@ -127,6 +134,16 @@ def resolve_backend(
             "'grouped_mm'"
         )
     return backend
+
+
+def use_decode_path(num_slots: int, device: torch.device, max_slots: int) -> bool:
+    """Whether an eval call of ``num_slots`` routed slots takes the decode path (a loop over the
+    chosen experts, no sort plan) rather than the plan with a grouped-matmul backend.
+
+    Only on CPU, where reading the chosen ids costs no device sync, only up to ``max_slots``
+    (beyond, one plan and one grouped pass over sorted rows is cheaper), and never under
+    ``torch.compile`` (the loop depends on the ids' values)."""
+    return device.type == "cpu" and 0 < num_slots <= max_slots and not _is_compiling()
 
 
 def _round_up(value: int, multiple: int) -> int:

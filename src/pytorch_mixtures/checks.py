@@ -10,17 +10,18 @@ wrong kind of value and a ``ValueError`` for a value out of range or of the wron
   :func:`check_input_matches` (device and dtype against a layer's parameters).
 * Runtime: :func:`raise_if_nonfinite` (``check_finite=True``), :func:`name_layers` /
   :func:`layer_label` (which layer failed).
-* Paths: :func:`readable_file`.
+* Paths: :func:`readable_file` and :func:`load_state_dict_file` live in
+  :mod:`pytorch_mixtures.files` (re-exported here, their 0.2 home).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .files import load_state_dict_file, readable_file
 
 __all__ = [
     "check_capacity_factor",
@@ -47,12 +48,17 @@ def _kind(value: object) -> str:
 # --- scalars -------------------------------------------------------------------------------
 
 
-def check_int(name: str, value: object, low: int = 1, high: int | None = None) -> int:
-    """``value`` if it is an int (not a bool) in ``[low, high]`` (``high=None``: no bound)."""
+def check_int(name: str, value: object, low: int | None = 1, high: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]`` (None: no bound that side)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is None:
+            bounds = f"<= {high}"
+        elif high is None:
+            bounds = f">= {low}"
+        else:
+            bounds = f"in [{low}, {high}]"
         raise ValueError(f"{name}: expected an integer {bounds}, got {value}")
     return value
 
@@ -150,8 +156,8 @@ def check_token_ids(token_ids: object, shape: tuple[int, ...], vocab_size: int) 
     """Token ids for ``shape`` tokens, integers in ``[0, vocab_size)``; returned flat int64."""
     if token_ids is None:
         raise ValueError(
-            "token_ids: HashRouter routes on token ids; pass them as "
-            "moe(x, token_ids=input_ids) or router(x, token_ids=input_ids)"
+            "token_ids: expected the input's token ids (this router routes on them), got None; "
+            "pass them as moe(x, token_ids=input_ids) or router(x, token_ids=input_ids)"
         )
     if not isinstance(token_ids, Tensor) or token_ids.is_floating_point():
         raise TypeError(f"token_ids: expected an integer Tensor, got {_kind(token_ids)}")
@@ -222,36 +228,3 @@ def raise_if_nonfinite(module: nn.Module, what: str, tensor: Tensor) -> None:
             f"{layer_label(module)}: non-finite {what}: {count} of {bad_rows.numel()} tokens "
             f"hold NaN or inf (first: token {first} of the flattened [N, D] view)"
         )
-
-
-# --- paths ---------------------------------------------------------------------------------
-
-
-def readable_file(path: str | os.PathLike[str], argument: str) -> Path:
-    """``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty, readable file.
-
-    Raises ``ValueError`` naming ``argument`` (``"--data"``, ``"checkpoint"``) otherwise.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{argument}: expected a file path, got {type(path).__name__}")
-    file = Path(path)
-    if not file.exists():
-        raise ValueError(f"{argument}: expected an existing file, got {str(file)!r} (not found)")
-    if file.is_dir():
-        raise ValueError(f"{argument}: expected a file, got {str(file)!r} (a directory)")
-    if not file.is_file():
-        raise ValueError(f"{argument}: expected a regular file, got {str(file)!r}")
-    if file.stat().st_size == 0:
-        raise ValueError(f"{argument}: expected a non-empty file, got {str(file)!r} (0 bytes)")
-    if not os.access(file, os.R_OK):
-        raise ValueError(f"{argument}: expected a readable file, got {str(file)!r} (no access)")
-    return file
-
-
-def load_state_dict_file(
-    path: str | os.PathLike[str], argument: str = "checkpoint"
-) -> dict[str, Tensor]:
-    """Moved to :func:`pytorch_mixtures.files.load_state_dict_file` (kept here for old callers)."""
-    from .files import load_state_dict_file as load
-
-    return load(path, argument)

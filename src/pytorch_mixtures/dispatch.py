@@ -16,24 +16,35 @@ The combine weights live on the plan (``plan.weights``, computed once here) and 
 reads token rows itself and applies ``plan.weights`` inside the kernel, so neither the gathered
 ``[S, D]`` input nor the per-slot output exists.
 
+For a few tokens (decoding) a plan costs more than the experts' matmuls: there
+:func:`run_chosen_experts` runs each chosen expert on its tokens with plain matmuls and adds the
+weighted outputs, the same sum in another order (``MoELayer`` picks it in eval below
+``decode_max_slots``; see :func:`pytorch_mixtures.backends.use_decode_path`).
+
 Shape legend: N tokens, D model dim, E experts, K slots per token, S slots.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .backends import ConcreteBackend
+from .experts import ExpertsBase
 from .routing import RouterOutput
 
-if TYPE_CHECKING:
-    from .experts import ExpertsBase
-
-__all__ = ["DispatchPlan", "combine", "permute", "plan_dispatch", "run_experts"]
+__all__ = [
+    "DispatchPlan",
+    "combine",
+    "max_rows_per_expert",
+    "permute",
+    "plan_dispatch",
+    "run_chosen_experts",
+    "run_experts",
+    "sorted_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,8 @@ class DispatchPlan:
         max_rows_per_expert: a static upper bound on every ``tokens_per_expert`` entry when the
             routing has a fixed capacity (top-k with an int capacity: ``min(C, N)``; expert
             choice: ``S // E``), else None. Lets experts use padded ``[E, C, D]`` batches.
-        backend: the concrete grouped-matmul backend the experts run with (resolved once).
+        backend: the concrete grouped-matmul backend the experts run with (resolved once by
+            :func:`run_experts`); None lets the experts resolve their own.
         fuse_combine: True when the experts read token rows and apply the combine themselves.
     """
 
@@ -63,12 +75,12 @@ class DispatchPlan:
     num_tokens: int
     slots_per_token: int | None
     max_rows_per_expert: int | None = None
-    backend: ConcreteBackend = "loop"
+    backend: ConcreteBackend | None = None
     fuse_combine: bool = False
 
 
 def plan_dispatch(
-    route: RouterOutput, *, backend: ConcreteBackend = "loop", fuse_combine: bool = False
+    route: RouterOutput, *, backend: ConcreteBackend | None = None, fuse_combine: bool = False
 ) -> DispatchPlan:
     """Sort the router's slots by expert; dropped and padding slots go last."""
     if not isinstance(route, RouterOutput):
@@ -100,6 +112,12 @@ def max_rows_per_expert(route: RouterOutput) -> int | None:
         return int(route.token_ids.shape[0]) // route.num_experts
     # top-k picks distinct experts, so an expert holds at most one slot per token
     return min(route.capacity, route.num_tokens)
+
+
+def sorted_weights(route: RouterOutput, plan: DispatchPlan, dtype: torch.dtype) -> Tensor:
+    """0.2's name for ``plan.weights`` (the combine weight of each sorted row) in ``dtype``."""
+    del route  # the plan carries the weights
+    return plan.weights.to(dtype)
 
 
 def permute(x_ND: Tensor, plan: DispatchPlan) -> Tensor:
@@ -144,7 +162,14 @@ def run_experts(
     Slots routed past ``experts.num_experts`` (no-op experts, which sort last) run nothing and
     add zero. Returns the output (in the experts' compute dtype) and the plan (for statistics).
     """
-    backend = experts.resolve_backend(x_ND, max_rows_per_expert(route))
+    max_rows = max_rows_per_expert(route)
+    if type(experts).forward is not ExpertsBase.forward:
+        # a subclass with its own forward (the 0.2 interface) gets sorted rows and the bound
+        plan = plan_dispatch(route)
+        counts_E = plan.tokens_per_expert[: experts.num_experts]
+        y_SD = experts(permute(x_ND, plan), counts_E, max_rows_per_expert=max_rows)
+        return combine(y_SD, plan), plan
+    backend = experts.resolve_backend(x_ND, max_rows)
     fuse = experts.fuses_combine(x_ND, backend)
     plan = plan_dispatch(route, backend=backend, fuse_combine=fuse)
     counts_E = plan.tokens_per_expert[: experts.num_experts]
@@ -153,3 +178,43 @@ def run_experts(
         return experts(x_ND, counts_E, plan=plan), plan
     y_sorted_SD = experts(permute(x_ND, plan), counts_E, plan=plan)
     return combine(y_sorted_SD, plan), plan
+
+
+def run_chosen_experts(
+    experts: ExpertsBase, x_ND: Tensor, expert_ids_NK: Tensor, weights_NK: Tensor
+) -> Tensor:
+    """The decode path: ``y_n = sum_k weights[n, k] * expert_{ids[n, k]}(x_n)``, ``[N, D]``.
+
+    No sort plan and no statistics: the chosen experts' ids are read on the host (free on CPU),
+    each chosen expert runs once on its tokens (``experts.expert_forward``, plain matmuls on the
+    stacked weights' views, never an indexed copy of them), and its weighted output is added
+    into its tokens' rows. Ids past ``experts.num_experts`` (no-op experts) add nothing.
+    """
+    num_tokens, top_k = expert_ids_NK.shape
+    real = experts.num_experts
+    if num_tokens == 1:  # one token: no gathers, the k outputs summed directly
+        y_1D: Tensor | None = None
+        for k, expert in enumerate(expert_ids_NK[0].tolist()):
+            if expert < real:
+                out_1D = experts.expert_forward(expert, x_ND) * weights_NK[:, k : k + 1]
+                y_1D = out_1D if y_1D is None else y_1D + out_1D
+        return x_ND * 0 if y_1D is None else y_1D
+    slots_by_expert: dict[int, list[int]] = {}
+    for slot, expert in enumerate(expert_ids_NK.reshape(-1).tolist()):
+        if expert < real:
+            slots_by_expert.setdefault(expert, []).append(slot)
+    if not slots_by_expert:
+        return x_ND * 0
+    order = [slot for expert in sorted(slots_by_expert) for slot in slots_by_expert[expert]]
+    slots_S = torch.tensor(order, device=x_ND.device)
+    tokens_S = slots_S // top_k
+    x_sorted_SD = x_ND.index_select(0, tokens_S)
+    outs, start = [], 0
+    for expert in sorted(slots_by_expert):
+        end = start + len(slots_by_expert[expert])
+        outs.append(experts.expert_forward(expert, x_sorted_SD[start:end]))
+        start = end
+    y_sorted_SD = torch.cat(outs) * weights_NK.reshape(-1)[slots_S].unsqueeze(-1).to(outs[0].dtype)
+    return y_sorted_SD.new_zeros(num_tokens, y_sorted_SD.shape[-1]).index_add_(
+        0, tokens_S, y_sorted_SD
+    )

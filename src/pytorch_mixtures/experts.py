@@ -75,6 +75,19 @@ class ExpertsBase(nn.Module):
     #: as an argument, a module list always loops
     backend: Backend = "loop"
 
+    def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
+        """Expert ``index`` alone on its rows ``[n, D] -> [n, D]``, unweighted.
+
+        The one method a custom experts class must implement (the default :meth:`run` loops
+        over it); stacked experts implement it too, for the decode path
+        (:func:`pytorch_mixtures.dispatch.run_chosen_experts`)."""
+        raise NotImplementedError(f"{type(self).__name__} implements no expert_forward")
+
+    @property
+    def single_expert_calls(self) -> bool:
+        """Whether :meth:`expert_forward` is implemented (the decode path needs it)."""
+        return type(self).expert_forward is not ExpertsBase.expert_forward
+
     def resolve_backend(self, x: Tensor, max_rows_per_expert: int | None) -> ConcreteBackend:
         """The concrete backend for a call on ``x`` (``"auto"`` resolved, choices checked)."""
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
@@ -117,14 +130,21 @@ class ExpertsBase(nn.Module):
         if plan is None:
             backend = self.resolve_backend(x, max_rows_per_expert)
             return self.run(x, tokens_per_expert_E, backend, max_rows_per_expert, None)
-        fused = plan if plan.fuse_combine else None
-        if fused is not None and not self.fuses_combine(x, plan.backend):
+        if max_rows_per_expert is not None:
+            raise ValueError(
+                "max_rows_per_expert: give it or a plan (which carries it), not both; got "
+                f"max_rows_per_expert={max_rows_per_expert} and a plan"
+            )
+        max_rows = plan.max_rows_per_expert
+        backend = plan.backend or self.resolve_backend(x, max_rows)
+        combine_plan = plan if plan.fuse_combine else None
+        if combine_plan is not None and not self.fuses_combine(x, backend):
             raise ValueError(
                 f"plan: a fused combine needs experts that fuse it (fuses_combine: SwiGLU "
                 f"experts on the 'loop' backend on CPU); got {type(self).__name__} with "
-                f"backend={plan.backend!r} on {x.device.type}"
+                f"backend={backend!r} on {x.device.type}"
             )
-        return self.run(x, tokens_per_expert_E, plan.backend, plan.max_rows_per_expert, fused)
+        return self.run(x, tokens_per_expert_E, backend, max_rows, combine_plan)
 
     def run(
         self,
@@ -132,11 +152,25 @@ class ExpertsBase(nn.Module):
         tokens_per_expert_E: Tensor,
         backend: ConcreteBackend,
         max_rows_per_expert: int | None,
-        fused: DispatchPlan | None,
+        combine_plan: DispatchPlan | None,
     ) -> Tensor:
-        """The experts' computation on checked input with a concrete ``backend``; ``fused`` is
-        the dispatcher's plan when this call also applies the combine (else None)."""
-        raise NotImplementedError
+        """The experts' computation on checked input with a concrete ``backend``;
+        ``combine_plan`` is the dispatcher's plan when this call also applies the combine (then
+        ``x`` is the ``[N, D]`` token rows), else None.
+
+        The default runs :meth:`expert_forward` on each expert's contiguous slice."""
+        bounds = group_bounds(tokens_per_expert_E)
+        if bounds[-1] > x.shape[0]:
+            raise ValueError(
+                f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x.shape[0]} rows"
+            )
+        pieces = [
+            self.expert_forward(expert, x[bounds[expert] : bounds[expert + 1]])
+            for expert in range(self.num_experts)
+            if bounds[expert + 1] > bounds[expert]
+        ]
+        pieces.append(x.new_zeros(x.shape[0] - bounds[-1], self.dim))
+        return torch.cat(pieces, dim=0)
 
     def _load_from_state_dict(
         self,
@@ -220,11 +254,22 @@ class MLPExperts(ExpertsBase):
         tokens_per_expert_E: Tensor,
         backend: ConcreteBackend,
         max_rows_per_expert: int | None,
-        fused: DispatchPlan | None,
+        combine_plan: DispatchPlan | None,
     ) -> Tensor:
         rows = group_rows(x, tokens_per_expert_E, backend, max_rows_per_expert)
         hidden = rows.linear(self.w_in, self.b_in).map(self._act)
         return hidden.linear(self.w_out, self.b_out).rows()
+
+    def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
+        dtype = compute_dtype(x_nD)
+        x_nD = x_nD.to(dtype)
+        h_nH = x_nD @ self.w_in[index].to(dtype)
+        if self.b_in is not None:
+            h_nH = h_nH + self.b_in[index].to(dtype)
+        y_nD = self._act(h_nH) @ self.w_out[index].to(dtype)
+        if self.b_out is not None:
+            y_nD = y_nD + self.b_out[index].to(dtype)
+        return y_nD
 
     def extra_repr(self) -> str:
         return (
@@ -276,10 +321,12 @@ class SwiGLUExperts(ExpertsBase):
         tokens_per_expert_E: Tensor,
         backend: ConcreteBackend,
         max_rows_per_expert: int | None,
-        fused: DispatchPlan | None,
+        combine_plan: DispatchPlan | None,
     ) -> Tensor:
-        if fused is not None:  # token rows in, weighted and summed token rows out
-            return self._segment_swiglu(x, tokens_per_expert_E, fused.weights, fused.token_rows)
+        if combine_plan is not None:  # token rows in, weighted and summed token rows out
+            return self._segment_swiglu(
+                x, tokens_per_expert_E, combine_plan.weights, combine_plan.token_rows
+            )
         if backend == "loop":
             return self._segment_swiglu(x, tokens_per_expert_E, None, None)
         rows = group_rows(x, tokens_per_expert_E, backend, max_rows_per_expert)
@@ -291,6 +338,11 @@ class SwiGLUExperts(ExpertsBase):
         if type(self).run is not SwiGLUExperts.run or type(self).forward is not ExpertsBase.forward:
             return False  # a subclass's computation may not know fused plans
         return backend == "loop" and x_ND.device.type == "cpu"
+
+    def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
+        dtype = compute_dtype(x_nD)
+        gate_up_n2H = x_nD.to(dtype) @ self.w_gate_up[index].to(dtype)
+        return _swiglu(gate_up_n2H) @ self.w_down[index].to(dtype)
 
     def _segment_swiglu(
         self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None
@@ -337,44 +389,22 @@ class ModuleListExperts(ExpertsBase):
         self.num_experts = len(modules)
         self.dim = check_int("dim", dim)
 
-    def run(
-        self,
-        x: Tensor,
-        tokens_per_expert_E: Tensor,
-        backend: ConcreteBackend,
-        max_rows_per_expert: int | None,
-        fused: DispatchPlan | None,
-    ) -> Tensor:
-        """Each module on its contiguous slice of the sorted rows."""
-        bounds = group_bounds(tokens_per_expert_E)
-        if bounds[-1] > x.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert: counts sum to {bounds[-1]} but x has {x.shape[0]} rows"
-            )
-        pieces = [
-            self._expert_forward(expert, x[bounds[expert] : bounds[expert + 1]])
-            for expert in range(self.num_experts)
-            if bounds[expert + 1] > bounds[expert]
-        ]
-        pieces.append(x.new_zeros(x.shape[0] - bounds[-1], self.dim))
-        return torch.cat(pieces, dim=0)
-
-    def _expert_forward(self, expert: int, x_nD: Tensor) -> Tensor:
+    def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
         try:
-            y_nD = self.experts[expert](x_nD)
+            y_nD = self.experts[index](x_nD)
         except RuntimeError as err:
             if isinstance(err, torch.OutOfMemoryError):
                 raise
             # typically an expert built for another width: name it instead of a bare matmul error
             raise ValueError(
-                f"experts[{expert}]: expected a module mapping [n, {self.dim}] -> "
+                f"experts[{index}]: expected a module mapping [n, {self.dim}] -> "
                 f"[n, {self.dim}], but it failed on an input of shape {tuple(x_nD.shape)} "
                 f"({x_nD.dtype}, {x_nD.device}): {err}"
             ) from err
         if not isinstance(y_nD, Tensor) or y_nD.shape != x_nD.shape:
             got = tuple(y_nD.shape) if isinstance(y_nD, Tensor) else type(y_nD).__name__
             raise ValueError(
-                f"experts[{expert}]: expected output shape {tuple(x_nD.shape)}, got {got}"
+                f"experts[{index}]: expected output shape {tuple(x_nD.shape)}, got {got}"
             )
         return y_nD.to(x_nD.dtype)
 

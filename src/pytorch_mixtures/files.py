@@ -1,4 +1,7 @@
-"""Reading state-dict files safely.
+"""Reading user files safely: paths checked before use, state dicts without pickle.
+
+:func:`readable_file` checks a user-given path (exists, a regular non-empty readable file) and
+names the argument when it is not.
 
 :func:`load_state_dict_file` loads ``*.safetensors`` with safetensors and anything else with
 ``torch.load(weights_only=True)``: tensors and plain containers only, never code execution, so
@@ -8,13 +11,33 @@ a file from elsewhere cannot run anything when loaded.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .checks import readable_file
+__all__ = ["load_state_dict_file", "readable_file"]
 
-__all__ = ["load_state_dict_file"]
+
+def readable_file(path: str | os.PathLike[str], argument: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is an existing, non-empty, readable file.
+
+    Raises ``ValueError`` naming ``argument`` (``"--data"``, ``"checkpoint"``) otherwise.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument}: expected a file path, got {type(path).__name__}")
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"{argument}: expected an existing file, got {str(file)!r} (not found)")
+    if file.is_dir():
+        raise ValueError(f"{argument}: expected a file, got {str(file)!r} (a directory)")
+    if not file.is_file():
+        raise ValueError(f"{argument}: expected a regular file, got {str(file)!r}")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{argument}: expected a non-empty file, got {str(file)!r} (0 bytes)")
+    if not os.access(file, os.R_OK):
+        raise ValueError(f"{argument}: expected a readable file, got {str(file)!r} (no access)")
+    return file
 
 
 def load_state_dict_file(

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .backends import DECODE_MAX_SLOTS, use_decode_path
 from .checks import (
     check_capacity_factor,
     check_features,
@@ -22,7 +23,7 @@ from .checks import (
 )
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
-from .routing import Router
+from .routing import Decision, Router
 from .stats import RoutingStats, routing_stats_from
 
 __all__ = ["MoELayer"]
@@ -42,6 +43,12 @@ class MoELayer(AuxLossModule):
     * ``aux_losses``: the unweighted parts by name, for logging.
     * ``stats``: :class:`~pytorch_mixtures.stats.RoutingStats` (tokens per expert, dropped
       fraction, ...).
+
+    Eval calls of at most ``decode_max_slots`` routed slots (decoding) take the decode path:
+    the router's :meth:`~pytorch_mixtures.routing.Router.decide` and a plain loop over the
+    chosen experts, no sort plan, no aux losses or statistics. The output equals the full
+    path's; ``aux_loss``, ``aux_losses`` and ``stats`` are then computed when first read, from
+    the decision the forward kept (its logits and choices: the full path's values).
 
     Args:
         dim: model dimension D; may be omitted (None) and is then taken from the router.
@@ -65,6 +72,9 @@ class MoELayer(AuxLossModule):
             the router scores ``len(experts) + n`` experts, the last n of which do nothing, so a
             slot routed to one skips compute and adds zero (the caller's residual carries the
             token). ``stats.tokens_per_expert`` then has ``E + n`` entries, no-ops last.
+        decode_max_slots: eval calls of at most this many slots (tokens * top_k) take the
+            decode path (default :data:`pytorch_mixtures.backends.DECODE_MAX_SLOTS`, measured);
+            0 turns it off.
 
     Example::
 
@@ -87,6 +97,7 @@ class MoELayer(AuxLossModule):
         shared_expert_gate: bool = False,
         check_finite: bool = False,
         num_noop_experts: int = 0,
+        decode_max_slots: int | None = None,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -135,6 +146,13 @@ class MoELayer(AuxLossModule):
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
+        # the decode path's decision and input, completed into aux losses and stats when read
+        self._pending: tuple[Decision, Tensor, Tensor | None] | None = None
+        self.decode_max_slots = (
+            DECODE_MAX_SLOTS
+            if decode_max_slots is None
+            else check_int("decode_max_slots", decode_max_slots, low=0)
+        )
         if shared_experts is not None and not isinstance(shared_experts, nn.Module):
             raise TypeError(
                 f"shared_experts: expected an nn.Module, got {type(shared_experts).__name__}"
@@ -150,7 +168,39 @@ class MoELayer(AuxLossModule):
     @property
     def stats(self) -> RoutingStats | None:
         """Routing statistics of the last forward (None before the first)."""
+        self._materialize()
         return self._stats
+
+    @property
+    def aux_loss(self) -> Tensor:
+        self._materialize()
+        return super().aux_loss
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        self._materialize()
+        return super().aux_losses
+
+    def _materialize(self) -> None:
+        """Complete the decode path's decision into the full path's aux losses and stats."""
+        if self._pending is None:
+            return
+        decision, x_BTD, mask_BT = self._pending
+        self._pending = None
+        route = self.router.complete(decision, (x_BTD.shape[0], x_BTD.shape[1]), mask_BT)
+        self._set_aux(route.aux_loss, dict(route.aux_losses))
+        self._stats = routing_stats_from(route, dispatch.plan_dispatch(route), x_BTD.flatten(0, 1))
+
+    def _decode_decision(self, x_ND: Tensor) -> Decision | None:
+        """The router's decode-path routing when this call takes the decode path, else None."""
+        top_k = getattr(self.router, "top_k", None)
+        if self.training or top_k is None or not self.experts.single_expert_calls:
+            return None
+        if not use_decode_path(x_ND.shape[0] * top_k, x_ND.device, self.decode_max_slots):
+            return None
+        if self.experts._forward_hooks or self.experts._forward_pre_hooks:
+            return None  # hooks (pruning, ...) run only through the experts' __call__
+        return self.router.decide(x_ND)
 
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, token_ids: Tensor | None = None
@@ -181,16 +231,26 @@ class MoELayer(AuxLossModule):
         x_BTD = x.reshape(-1, seq_len, self.dim)
         mask_BT = None if mask is None else mask.reshape(x_BTD.shape[:2])
         x_ND = x_BTD.reshape(-1, self.dim)
-        if self.router.uses_token_ids:
-            route = self.router(x_BTD, mask_BT, token_ids=token_ids)
+        decision = None if self.router.uses_token_ids else self._decode_decision(x_ND)
+        if decision is not None:
+            y_ND = dispatch.run_chosen_experts(
+                self.experts, x_ND, decision.expert_ids, decision.weights
+            )
+            if mask_BT is not None:
+                y_ND = torch.where(mask_BT.reshape(-1, 1), y_ND, 0.0)
+            self._set_aux(torch.zeros((), device=x.device), {})
+            self._pending = (decision, x_BTD, mask_BT)
         else:
-            route = self.router(x_BTD, mask_BT)
-        y_ND, plan = dispatch.run_experts(self.experts, x_ND, route)
+            if self.router.uses_token_ids:
+                route = self.router(x_BTD, mask_BT, token_ids=token_ids)
+            else:
+                route = self.router(x_BTD, mask_BT)
+            y_ND, plan = dispatch.run_experts(self.experts, x_ND, route)
+            self._set_aux(route.aux_loss, dict(route.aux_losses))
+            self._stats = routing_stats_from(route, plan, x_ND)
+            self._pending = None
         if self.shared_experts is not None:
             y_ND = y_ND + self._shared_forward(x_ND, mask_BT)
-
-        self._set_aux(route.aux_loss, dict(route.aux_losses))
-        self._stats = routing_stats_from(route, plan, x_ND)
         y = y_ND.reshape(x.shape).to(x.dtype)
         if self.check_finite:
             raise_if_nonfinite(self, "output", y)
@@ -205,7 +265,13 @@ class MoELayer(AuxLossModule):
             shared_ND = torch.where(mask_BT.reshape(-1, 1).bool(), shared_ND, 0.0)
         return shared_ND
 
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(super().__getstate__())
+        state["_pending"] = None  # a copy starts with no last forward, as a fresh layer does
+        return state
+
     def _empty_forward(self, x: Tensor) -> Tensor:
+        self._pending = None
         zero = torch.zeros((), device=x.device)
         num_routes = self.num_experts + self.num_noop_experts
         empty = torch.zeros(num_routes, dtype=torch.long, device=x.device)

@@ -44,8 +44,9 @@ def expert_fns(experts: torch.nn.Module) -> list[ExpertFn]:
                 return (F.silu(gate) * up) @ experts.w_down[e]
 
             fns.append(swiglu)
-    else:  # a list of modules
-        for module in experts:
+    else:  # a list of modules (or ModuleListExperts holding one)
+        modules = experts.experts if isinstance(experts, pm.ModuleListExperts) else experts
+        for module in modules:
             fns.append(lambda v, m=module: m(v.unsqueeze(0)).squeeze(0))
     return fns
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checks import readable_file
+from ..files import readable_file
 
 __all__ = ["Corpus", "load_corpus", "stdlib_files"]
 
@@ -116,7 +116,7 @@ def load_corpus(
 
     Raises:
         ValueError: ``data`` does not exist, is a directory (or another non-file), is empty or
-            unreadable (:func:`pytorch_mixtures.checks.readable_file`), or is too small to give
+            unreadable (:func:`pytorch_mixtures.files.readable_file`), or is too small to give
             both splits ``min_split_tokens`` bytes; or a bad ``max_bytes`` / ``val_fraction``.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 2:

@@ -209,7 +209,7 @@ class ExpertParallelExperts(ExpertsBase):
         tokens_per_expert_E: Tensor,
         backend: ConcreteBackend,
         max_rows_per_expert: int | None,
-        fused: DispatchPlan | None,
+        combine_plan: DispatchPlan | None,
     ) -> Tensor:
         """Send rows to their experts' owners, compute there, and bring the outputs back.
 

@@ -13,7 +13,7 @@ router implements one method, ``route``.
 * ``selection.py``: rules that restrict the selection (group-limited scores, gating noise).
 """
 
-from .base import Router, RouterOutput, token_major_output
+from .base import Decision, Router, RouterOutput, token_major_output
 from .capacity import capacity_keep_mask, expert_choice_capacity, token_choice_keep
 from .expert_choice import ExpertChoiceRouter
 from .fixed import HashRouter, UniformRouter
@@ -21,6 +21,7 @@ from .selection import group_limited_scores, softplus_noise_std
 from .topk import TopKRouter, TopkRouter, TopKSchemes, update_expert_bias
 
 __all__ = [
+    "Decision",
     "ExpertChoiceRouter",
     "HashRouter",
     "Router",

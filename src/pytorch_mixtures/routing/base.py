@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..checks import check_features, check_int, check_mask
 
-__all__ = ["Router", "RouterOutput", "token_major_output"]
+__all__ = ["Decision", "Router", "RouterOutput", "token_major_output"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,25 @@ class RouterOutput:
     @property
     def num_experts(self) -> int:
         return int(self.logits.shape[-1])
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A router's decode-path routing of N tokens (:meth:`Router.decide`): what running the
+    experts needs, and the logits from which :meth:`Router.complete` builds the full
+    :class:`RouterOutput` (aux losses, statistics) only when someone asks.
+
+    Attributes:
+        logits: ``[N, E]`` router logits, float32.
+        expert_ids: ``[N, K]`` int64, the chosen experts.
+        gates: ``[N, K]`` the chosen experts' scores (renormalised when the router does).
+        weights: ``[N, K]`` the combine weights (gates times the routed scaling factor).
+    """
+
+    logits: Tensor
+    expert_ids: Tensor
+    gates: Tensor
+    weights: Tensor
 
 
 def token_major_output(
@@ -145,6 +164,19 @@ class Router(nn.Module):
         """The routing step, on validated input: ``x_BTD`` ``[B, T, D]``, ``mask_BT`` ``[B, T]``
         bool or None, ``token_ids`` as the caller gave them (None unless ``uses_token_ids``)."""
         raise NotImplementedError
+
+    def decide(self, x_ND: Tensor) -> Decision | None:
+        """The decode path's routing of checked ``x_ND`` ``[N, D]``: no aux losses, capacity or
+        statistics, or None when this router cannot decide so (the caller then runs
+        :meth:`forward`). Equals ``forward``'s slots in eval mode; the default is None."""
+        return None
+
+    def complete(
+        self, decision: Decision, batch_shape: tuple[int, int], mask_BT: Tensor | None
+    ) -> RouterOutput:
+        """What :meth:`forward` returns for the tokens of ``decision`` (``batch_shape`` ``(B, T)``,
+        padding ``mask_BT``): for routers whose :meth:`decide` returns decisions."""
+        raise NotImplementedError(f"{type(self).__name__} makes no decisions to complete")
 
     def _logits(self, x_ND: Tensor) -> Tensor:
         """Router logits ``[N, E]`` in float32 (float64 for float64 input), also under autocast."""

@@ -23,7 +23,7 @@ from ..losses import (
     router_z_loss,
     sequence_balance_loss,
 )
-from .base import Router, RouterOutput, token_major_output
+from .base import Decision, Router, RouterOutput, token_major_output
 from .capacity import token_choice_keep
 from .selection import group_limited_scores, softplus_noise_std
 
@@ -142,14 +142,23 @@ class TopKSchemes:
 
 
 class _Scheme(Generic[_T]):
-    """Read-only router attribute showing one field of its :class:`TopKSchemes`."""
+    """Read-only router attribute showing one field of its :class:`TopKSchemes` (build a new
+    router to change a scheme: they are validated together)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __get__(self, router: Any, owner: type | None = None) -> _T:
+        if router is None:
+            return self  # type: ignore[return-value]  # class access: the descriptor itself
         value: _T = getattr(router.schemes, self.name)
         return value
+
+    def __set__(self, router: Any, value: object) -> None:
+        raise AttributeError(
+            f"{self.name}: a TopKRouter's routing schemes are fixed at construction "
+            f"(router.schemes); build a new router with {self.name}={value!r}"
+        )
 
 
 class TopKRouter(Router):
@@ -359,51 +368,98 @@ class TopKRouter(Router):
         self, x_BTD: Tensor, mask_BT: Tensor | None, token_ids: Tensor | None
     ) -> RouterOutput:
         x_ND = x_BTD.reshape(-1, self.dim)
-        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(x_ND).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
             x_ND = x_ND * noise
         clean_logits_NE = self._logits(x_ND)
         logits_NE, noise_std_NE = self._noisy_logits(x_ND, clean_logits_NE)
+        probs_NE = self._scores(logits_NE)
+        expert_ids_NK, gates_NK = self._select(probs_NE)
+        if self.expert_bias is not None and self.training and not _in_autograd_backward():
+            self._count_loads(expert_ids_NK, None if mask_BT is None else mask_BT.reshape(-1))
+        return self._output(
+            x_BTD.shape[:2], mask_BT, clean_logits_NE, logits_NE, noise_std_NE, probs_NE,
+            expert_ids_NK, gates_NK,
+        )  # fmt: skip
+
+    def decide(self, x_ND: Tensor) -> Decision | None:
+        """Eval routing for the decode path: the same experts and weights as :meth:`forward`'s
+        (dropless, no noise, no jitter), without aux losses or load counting. None in training
+        and with a capacity (drops depend on the whole batch)."""
+        if self.training or self.capacity_factor is not None:
+            return None
+        logits_NE = self._logits(x_ND)
+        plain = self.expert_bias is None and not self.schemes.group_limited
+        if plain and self.score_func == "softmax" and self.normalize_weights:
+            # the renormalised top-k softmax scores are the softmax of the top-k logits
+            top_logits_NK, expert_ids_NK = logits_NE.topk(self.top_k, dim=-1)
+            gates_NK = top_logits_NK.softmax(dim=-1)
+        else:
+            expert_ids_NK, gates_NK = self._select(self._scores(logits_NE))
+        return Decision(logits_NE, expert_ids_NK, gates_NK, self._scaled(gates_NK))
+
+    def complete(
+        self, decision: Decision, batch_shape: tuple[int, int], mask_BT: Tensor | None
+    ) -> RouterOutput:
+        """The :class:`RouterOutput` that :meth:`forward` gives for the decided tokens (eval)."""
+        logits_NE = decision.logits
+        return self._output(
+            batch_shape, mask_BT, logits_NE, logits_NE, None, self._scores(logits_NE),
+            decision.expert_ids, decision.gates,
+        )  # fmt: skip
+
+    def _scores(self, logits_NE: Tensor) -> Tensor:
+        return logits_NE.softmax(dim=-1) if self.score_func == "softmax" else logits_NE.sigmoid()
+
+    def _output(
+        self,
+        batch_shape: tuple[int, int] | torch.Size,
+        mask_BT: Tensor | None,
+        clean_logits_NE: Tensor,
+        logits_NE: Tensor,
+        noise_std_NE: Tensor | None,
+        probs_NE: Tensor,
+        expert_ids_NK: Tensor,
+        gates_NK: Tensor,
+    ) -> RouterOutput:
+        """Capacity, aux losses and the token-major output of a selection."""
+        mask_N = None if mask_BT is None else mask_BT.reshape(-1)
         if self.score_func == "softmax":
-            probs_NE = logits_NE.softmax(dim=-1)
             balance_probs_NE = probs_NE
         else:
-            probs_NE = logits_NE.sigmoid()
             balance_probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        expert_ids_NK, gates_NK = self._select(probs_NE)
-        weights_NK = gates_NK
-        if self.routed_scaling_factor != 1.0:
-            weights_NK = gates_NK * self.routed_scaling_factor
-        if self.expert_bias is not None and self.training and not _in_autograd_backward():
-            self._count_loads(expert_ids_NK, mask_N)
         kept_NK, capacity = token_choice_keep(
             expert_ids_NK, mask_N, self.capacity_factor, self.num_experts
         )
         aux_losses = self._aux_losses(
-            x_BTD.shape[:2], clean_logits_NE, balance_probs_NE, expert_ids_NK, mask_BT
+            batch_shape, clean_logits_NE, balance_probs_NE, expert_ids_NK, mask_BT
         )
-        if noise_std_NE is not None:
+        weighted = (
+            self.balance_loss_coef * aux_losses["load_balancing"]
+            + self.z_loss_coef * aux_losses["router_z"]
+        )
+        if self.noise_gate is not None:
             gates_NE = torch.zeros_like(probs_NE).scatter(-1, expert_ids_NK, gates_NK)
             aux_losses.update(
                 self._noisy_gating_losses(
                     clean_logits_NE, logits_NE, noise_std_NE, gates_NE, mask_N
                 )
             )
-        coefs = {
-            "load_balancing": self.balance_loss_coef,
-            "router_z": self.z_loss_coef,
-            "importance": self.importance_loss_coef,
-            "load": self.load_loss_coef,
-        }
-        weighted = sum(
-            (coefs[name] * loss for name, loss in aux_losses.items()),
-            start=torch.zeros((), device=x_BTD.device),
-        )
+            weighted = (
+                weighted
+                + self.importance_loss_coef * aux_losses["importance"]
+                + self.load_loss_coef * aux_losses["load"]
+            )
         return token_major_output(
-            logits_NE, probs_NE, expert_ids_NK, weights_NK, kept_NK, mask_N, capacity,
-            aux_losses, weighted,
+            logits_NE, probs_NE, expert_ids_NK, self._scaled(gates_NK), kept_NK, mask_N,
+            capacity, aux_losses, weighted,
         )  # fmt: skip
+
+    def _scaled(self, gates_NK: Tensor) -> Tensor:
+        """The combine weights: the gates times ``routed_scaling_factor``."""
+        if self.routed_scaling_factor == 1.0:
+            return gates_NK
+        return gates_NK * self.routed_scaling_factor
 
     def _noisy_logits(self, x_ND: Tensor, clean_logits_NE: Tensor) -> tuple[Tensor, Tensor | None]:
         """Noisy top-k gating: the logits the top-k is taken on, and the noise std (None
@@ -443,7 +499,7 @@ class TopKRouter(Router):
 
     def _aux_losses(
         self,
-        batch_shape: torch.Size,
+        batch_shape: tuple[int, int] | torch.Size,
         clean_logits_NE: Tensor,
         balance_probs_NE: Tensor,
         expert_ids_NK: Tensor,
@@ -466,12 +522,13 @@ class TopKRouter(Router):
         self,
         clean_logits_NE: Tensor,
         logits_NE: Tensor,
-        noise_std_NE: Tensor,
+        noise_std_NE: Tensor | None,
         gates_NE: Tensor,
         mask_N: Tensor | None,
     ) -> dict[str, Tensor]:
         """Shazeer et al. 2017's importance and load losses, unweighted."""
         if self.training:
+            assert noise_std_NE is not None
             load_E = noisy_top_k_load(clean_logits_NE, logits_NE, noise_std_NE, self.top_k, mask_N)
         else:  # no noise, no smooth estimate: the hard count (tensor2tensor's choice)
             load_E = (gates_NE > 0).to(gates_NE.dtype)
