@@ -6,7 +6,8 @@ default init) is trained dense, and again with every FFN replaced by what a user
     pm.MoELayer(D, pm.TopKRouter(D, E, top_k=k, **router), pm.SwiGLUExperts(E, D, H))
 
 changing nothing else (``router`` is empty for the library's defaults; a variant may set
-options to compare). Each run reports the held-out loss and, per MoE layer, the held-out load
+options to compare, and ``"_expert_init_std"`` re-initialises the experts N(0, std)). ``dense``
+is the dense FFN with PyTorch's default init, ``dense-lm`` with the reference LM's N(0, 0.02). Each run reports the held-out loss and, per MoE layer, the held-out load
 imbalance (max / mean expert load; 1.0 is perfect balance, 4.0 with 8 experts and top-2 means
 every token chose the same expert). Runs go to worker processes, ``--jobs`` at a time, one
 torch thread each.
@@ -45,9 +46,15 @@ def _run_one(variant: str, seed: int, lr: float, steps: int) -> dict[str, object
                 for linear in (block.ffn.gate_up, block.ffn.down):
                     linear.reset_parameters()
                 continue
-            router_kwargs = {} if variant == "library" else json.loads(variant)
-            router = pm.TopKRouter(dim, experts, top_k=top_k, **router_kwargs)
+            if variant == "dense-lm":  # the reference LM's own init, N(0, 0.02)
+                continue
+            options = {} if variant == "library" else json.loads(variant)
+            expert_std = options.pop("_expert_init_std", None)  # a test of other expert inits
+            router = pm.TopKRouter(dim, experts, top_k=top_k, **options)
             block.ffn = pm.MoELayer(dim, router, pm.SwiGLUExperts(experts, dim, hidden))
+            if expert_std is not None:
+                for weight in block.ffn.experts.parameters():
+                    torch.nn.init.normal_(weight, std=expert_std)
     corpus = load_corpus()
     config = TrainConfig(steps=steps, lr=lr, seed=seed, eval_every=steps)
     final = train(model, corpus, config, progress=False).evals[-1]

@@ -101,3 +101,26 @@ def test_noop_slots_run_nothing_and_add_zero():
     assert noop.any() and (~noop).any()
     assert torch.equal(got[noop], torch.zeros(int(noop.sum()), DIM))
     assert int(plan.tokens_per_expert[:EXPERTS].sum()) == int((~noop).sum())
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("grad", [False, True])
+def test_run_chosen_experts_is_the_weighted_sum_of_the_chosen_experts(num_tokens, grad):
+    """The decode path's primitive against a per-token loop, with and without autograd (no
+    grad takes plain-float weights), no-op ids (>= E) adding nothing."""
+    torch.manual_seed(3)
+    experts = pm.SwiGLUExperts(EXPERTS, DIM, 8).double()
+    x = torch.randn(num_tokens, DIM, dtype=torch.float64)
+    ids = torch.tensor([[2, EXPERTS + 1], [0, 3], [3, 1]])[:num_tokens]
+    weights = torch.rand(num_tokens, 2, dtype=torch.float64)
+    want = torch.zeros(num_tokens, DIM, dtype=torch.float64)
+    for n in range(num_tokens):
+        for k in range(2):
+            if ids[n, k] < EXPERTS:
+                rows = torch.zeros(EXPERTS, dtype=torch.long)
+                rows[ids[n, k]] = 1
+                want[n] += weights[n, k] * experts(x[n : n + 1], rows)[0]
+    with torch.set_grad_enabled(grad):
+        got = dispatch.run_chosen_experts(experts, x, ids, weights)
+    torch.testing.assert_close(got, want.detach())
+    assert got.requires_grad == grad

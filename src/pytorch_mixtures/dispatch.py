@@ -193,12 +193,20 @@ def run_chosen_experts(
     num_tokens, top_k = expert_ids_NK.shape
     real = experts.num_experts
     if num_tokens == 1:  # one token: no gathers, the k outputs summed directly
-        y_1D: Tensor | None = None
-        for k, expert in enumerate(expert_ids_NK[0].tolist()):
-            if expert < real:
-                out_1D = experts.expert_forward(expert, x_ND) * weights_NK[:, k : k + 1]
-                y_1D = out_1D if y_1D is None else y_1D + out_1D
-        return x_ND * 0 if y_1D is None else y_1D
+        chosen = expert_ids_NK[0].tolist()
+        if not torch.is_grad_enabled():  # plain floats: one fused op per expert
+            y_1D: Tensor | None = None
+            for expert, weight in zip(chosen, weights_NK[0].tolist(), strict=True):
+                if expert < real:
+                    out_1D = experts.expert_forward(expert, x_ND)
+                    y_1D = out_1D.mul_(weight) if y_1D is None else y_1D.add_(out_1D, alpha=weight)
+            return x_ND * 0 if y_1D is None else y_1D
+        outs = [
+            experts.expert_forward(expert, x_ND) * weights_NK[:, k : k + 1]
+            for k, expert in enumerate(chosen)
+            if expert < real
+        ]
+        return sum(outs[1:], outs[0]) if outs else x_ND * 0
     slots_by_expert: dict[int, list[int]] = {}
     for slot, expert in enumerate(expert_ids_NK.reshape(-1).tolist()):
         if expert < real:

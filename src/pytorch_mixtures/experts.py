@@ -280,8 +280,9 @@ class MLPExperts(ExpertsBase):
 
 
 def _swiglu(gate_up_n2H: Tensor) -> Tensor:
-    gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)
-    return F.silu(gate_nH) * up_nH
+    hidden = gate_up_n2H.shape[-1] // 2
+    # two slices, not chunk(): chunk dispatches split and narrows (decode calls count ops)
+    return F.silu(gate_up_n2H[..., :hidden]) * gate_up_n2H[..., hidden:]
 
 
 class SwiGLUExperts(ExpertsBase):
@@ -341,8 +342,8 @@ class SwiGLUExperts(ExpertsBase):
 
     def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
         dtype = compute_dtype(x_nD)
-        gate_up_n2H = x_nD.to(dtype) @ self.w_gate_up[index].to(dtype)
-        return _swiglu(gate_up_n2H) @ self.w_down[index].to(dtype)
+        gate_up_n2H = torch.mm(x_nD.to(dtype), self.w_gate_up[index].to(dtype))
+        return torch.mm(_swiglu(gate_up_n2H), self.w_down[index].to(dtype))
 
     def _segment_swiglu(
         self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None

@@ -238,7 +238,7 @@ class MoELayer(AuxLossModule):
             )
             if mask_BT is not None:
                 y_ND = torch.where(mask_BT.reshape(-1, 1), y_ND, 0.0)
-            self._set_aux(torch.zeros((), device=x.device), {})
+            self._aux_loss, self._aux_losses = None, {}  # completed when read
             self._pending = (decision, x_BTD, mask_BT)
         else:
             if self.router.uses_token_ids:

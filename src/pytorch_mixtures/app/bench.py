@@ -450,10 +450,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="restrict the candidates")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="inference tables instead: decode-shaped layer calls, generate() per token, "
+        "training steps (MoE and MoD against dense)",
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", choices=["small", "medium"], default=["small", "medium"],
+        help="with --decode: the LM sizes",
+    )  # fmt: skip
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed :func:`add_bench_arguments` options; print the tables."""
+    if args.decode:
+        return _run_decode_cli(args)
     names = ["std", "fine"] if args.config == "all" else [args.config]
     print(
         f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, "
@@ -474,6 +486,34 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         print(format_table(result), flush=True)
         payload.append({**asdict(result), "torch": torch.__version__, "threads": args.threads})
     if args.json:
+        with open(args.json, "w") as out:
+            json.dump(payload, out, indent=2)
+    return 0
+
+
+def _run_decode_cli(args: argparse.Namespace) -> int:
+    from . import decode_bench
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, cpu, float32, threads {args.threads}, repeats {args.repeats}"
+    )
+    tables: dict[str, list[decode_bench.Row]] = {"layer": [], "generate": [], "train step": []}
+    for name in args.sizes:
+        size = decode_bench.SIZES[name]
+        tables["layer"] += decode_bench.layer_table(size, repeats=args.repeats)
+        tables["generate"] += decode_bench.generate_table(size, repeats=args.repeats)
+        tables["train step"] += decode_bench.train_table(size, repeats=args.repeats)
+    titles = {
+        "layer": "one layer, eval, no grad: time / dense SwiGLU of width k*H (x), microseconds",
+        "generate": "generate() with the KV cache: time per token / dense (x), tokens/s",
+        "train step": "training step (forward, backward, AdamW): time / dense (x), milliseconds",
+    }
+    for key, rows in tables.items():
+        print()
+        print(decode_bench.format_rows(titles[key], rows), flush=True)
+    if args.json:
+        payload = {key: [list(row) for row in rows] for key, rows in tables.items()}
         with open(args.json, "w") as out:
             json.dump(payload, out, indent=2)
     return 0

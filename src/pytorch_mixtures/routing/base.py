@@ -181,6 +181,8 @@ class Router(nn.Module):
     def _logits(self, x_ND: Tensor) -> Tensor:
         """Router logits ``[N, E]`` in float32 (float64 for float64 input), also under autocast."""
         dtype = torch.promote_types(x_ND.dtype, torch.float32)
+        if not torch.is_autocast_enabled(x_ND.device.type):  # (the context costs microseconds)
+            return F.linear(x_ND.to(dtype), self.gate.weight.to(dtype))
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             return F.linear(x_ND.to(dtype), self.gate.weight.to(dtype))
 

@@ -1,0 +1,213 @@
+"""Inference and training-step benchmark: ``pytorch-mixtures bench --decode``.
+
+Three tables, every entry a ratio measured side by side in one process (candidates interleaved
+after warm-up; median of the pairwise ratios to the dense reference of the same repetition):
+
+* **layer**: one eval, no-grad call of a decode shape (1 token, or 8 tokens: batch 8 of one
+  token each) of ``MoELayer`` (top-k router, ``SwiGLUExperts``), Hugging Face's eager
+  ``MixtralSparseMoeBlock`` (when ``transformers`` is installed) and, for reference, one layer
+  forced onto the full (plan) path, against a dense SwiGLU of the same active width ``k * H``.
+* **generate**: the reference LM's ``generate()`` with its KV cache, time per new token, for
+  MoE and MoD (12.5% capacity on every other block, causal predictor) against the dense model
+  of equal active compute, at batch 1 and 8; tokens/s of each.
+* **train step**: forward, backward and AdamW step of the same LMs, against dense.
+
+Sizes: ``small`` (the demo's: dim 128, 4 layers, 8 experts of 256, top-2) and ``medium``
+(dim 512, 4 layers, 8 experts of 1024, top-2). Shape legend: B batch, T tokens, D dim.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from .. import MoELayer, SwiGLUExperts, TopKRouter
+from ..models import ModelConfig, SwiGLU, TransformerLM
+
+__all__ = [
+    "SIZES",
+    "DecodeSize",
+    "Row",
+    "format_rows",
+    "generate_table",
+    "layer_table",
+    "train_table",
+]
+
+
+@dataclass(frozen=True)
+class DecodeSize:
+    """One benchmark size: the reference LM's dims and its MoE layers' shape."""
+
+    name: str
+    dim: int
+    num_heads: int
+    num_experts: int
+    hidden: int
+    top_k: int = 2
+    num_layers: int = 4
+
+    def model_config(self, kind: str) -> ModelConfig:
+        return ModelConfig(
+            dim=self.dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            ffn_hidden=self.top_k * self.hidden,
+            kind=kind,  # type: ignore[arg-type]
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+        )
+
+
+SIZES: dict[str, DecodeSize] = {
+    "small": DecodeSize("small", 128, 4, 8, 256),
+    "medium": DecodeSize("medium", 512, 8, 8, 1024),
+}
+
+Row = tuple[str, str, dict[str, float]]  # (size, what, column -> value)
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], object]], reference: str, repeats: int, inner: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median over repeats of (candidate time / reference time), and median seconds per call."""
+    for fn in fns.values():  # warm-up
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            seconds[name].append((time.perf_counter() - start) / inner)
+    base = seconds[reference]
+    ratios = {
+        name: statistics.median(t / b for t, b in zip(values, base, strict=True))
+        for name, values in seconds.items()
+    }
+    return ratios, {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _hf_block(size: DecodeSize) -> nn.Module | None:
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(
+        hidden_size=size.dim,
+        intermediate_size=size.hidden,
+        num_local_experts=size.num_experts,
+        num_experts_per_tok=size.top_k,
+    )
+    config._experts_implementation = "eager"  # a bare block (from_pretrained sets it)
+    block: nn.Module = MixtralSparseMoeBlock(config)
+    for weight in block.parameters():  # a bare block is uninitialised (torch.empty)
+        nn.init.normal_(weight, std=0.02)
+    return block.eval()
+
+
+def layer_table(size: DecodeSize, *, repeats: int, inner: int = 50) -> list[Row]:
+    """Decode-shaped calls of one layer (eval, no grad) against a dense SwiGLU."""
+    torch.manual_seed(0)
+    dim = size.dim
+    dense = SwiGLU(dim, size.top_k * size.hidden).eval()
+    moe = MoELayer(
+        dim,
+        TopKRouter(dim, size.num_experts, size.top_k),
+        SwiGLUExperts(size.num_experts, dim, size.hidden),
+    ).eval()
+    full = MoELayer(
+        dim,
+        TopKRouter(dim, size.num_experts, size.top_k),
+        SwiGLUExperts(size.num_experts, dim, size.hidden),
+        decode_max_slots=0,
+    ).eval()
+    full.load_state_dict(moe.state_dict())
+    hf = _hf_block(size)
+    rows: list[Row] = []
+    for tokens in (1, 8):
+        x = torch.randn(tokens, 1, dim)
+        fns: dict[str, Callable[[], object]] = {
+            "dense": partial(dense, x),
+            "moe": partial(moe, x),
+            "moe full path": partial(full, x),
+        }
+        if hf is not None:
+            fns["hf mixtral"] = partial(hf, x)
+        with torch.no_grad():
+            ratios, seconds = _interleaved(fns, "dense", repeats, inner)
+        values = {f"{name} x": ratio for name, ratio in ratios.items() if name != "dense"}
+        values |= {f"{name} us": 1e6 * s for name, s in seconds.items()}
+        rows.append((size.name, f"layer, {tokens} token{'s' if tokens > 1 else ''}", values))
+    return rows
+
+
+def _lm(size: DecodeSize, kind: str) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(size.model_config(kind)).eval()
+
+
+def generate_table(
+    size: DecodeSize, *, repeats: int, prompt: int = 32, new_tokens: int = 32
+) -> list[Row]:
+    """Time per generated token with the KV cache, MoE and MoD against dense, batch 1 and 8."""
+    models = {kind: _lm(size, kind) for kind in ("dense", "moe", "mod")}
+    rows: list[Row] = []
+    for batch in (1, 8):
+        idx = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
+        fns: dict[str, Callable[[], object]] = {
+            kind: partial(model.generate, idx, new_tokens) for kind, model in models.items()
+        }
+        ratios, seconds = _interleaved(fns, "dense", repeats, 1)
+        values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
+        values |= {f"{kind} tok/s": batch * new_tokens / seconds[kind] for kind in models}
+        rows.append((size.name, f"generate, batch {batch}", values))
+    return rows
+
+
+def train_table(size: DecodeSize, *, repeats: int, batch: int = 8, seq: int = 128) -> list[Row]:
+    """Whole-model training step (forward, backward, AdamW) against dense."""
+    models = {kind: _lm(size, kind).train() for kind in ("dense", "moe", "mod")}
+    optimizers = {kind: torch.optim.AdamW(m.parameters(), lr=1e-4) for kind, m in models.items()}
+    idx = torch.randint(0, 256, (batch, seq + 1), generator=torch.Generator().manual_seed(2))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+
+    def step(kind: str) -> None:
+        from .. import aux_loss
+
+        model = models[kind]
+        out = model(inputs, targets=targets)
+        assert out.loss is not None
+        loss: Tensor = out.loss + aux_loss(model)
+        loss.backward()
+        optimizers[kind].step()
+        optimizers[kind].zero_grad(set_to_none=True)
+
+    fns: dict[str, Callable[[], object]] = {kind: partial(step, kind) for kind in models}
+    ratios, seconds = _interleaved(fns, "dense", repeats, 1)
+    values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
+    values |= {f"{kind} ms": 1e3 * seconds[kind] for kind in models}
+    return [(size.name, f"train step, batch {batch}x{seq}", values)]
+
+
+def format_rows(title: str, rows: list[Row]) -> str:
+    """One markdown table; columns are the union of the rows' keys, in first-seen order."""
+    columns: list[str] = []
+    for _, _, values in rows:
+        columns += [c for c in values if c not in columns]
+    lines = [
+        f"{title}",
+        "| size | what | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for size, what, values in rows:
+        cells = [f"{values[c]:.2f}" if c in values else "" for c in columns]
+        lines.append(f"| {size} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
