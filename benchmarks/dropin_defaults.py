@@ -1,19 +1,21 @@
 """Does the library's default MoE layer win as a drop-in for a dense FFN? Seeds x learning rates.
 
-The reference LM (byte level, 4 layers, dim 128, SwiGLU FFN of width ``top_k * H``, PyTorch's
-default init) is trained dense, and again with every FFN replaced by what a user writes::
+The reference LM (byte level, 4 layers, dim 128, SwiGLU FFN of width ``top_k * H``) is trained
+dense, and again with every FFN replaced by what a user writes::
 
     pm.MoELayer(D, pm.TopKRouter(D, E, top_k=k, **router), pm.SwiGLUExperts(E, D, H))
 
 changing nothing else (``router`` is empty for the library's defaults; a variant may set
-options to compare, and ``"_expert_init_std"`` re-initialises the experts N(0, std)). ``dense``
-is the dense FFN with PyTorch's default init, ``dense-lm`` with the reference LM's N(0, 0.02). Each run reports the held-out loss and, per MoE layer, the held-out load
-imbalance (max / mean expert load; 1.0 is perfect balance, 4.0 with 8 experts and top-2 means
-every token chose the same expert). Runs go to worker processes, ``--jobs`` at a time, one
-torch thread each.
+options to compare, and ``"_expert_init_std"`` re-initialises the experts N(0, std)).
+``dense`` is the dense FFN with PyTorch's default init, ``dense-lm`` with the reference LM's
+N(0, 0.02); the rest of the model keeps the LM's init, or with ``--all-default-init``
+PyTorch's default everywhere. Each run reports the held-out loss and, per MoE layer, the
+held-out load imbalance (max / mean expert load; 1.0 is perfect balance, 4.0 with 8 experts and
+top-2 means every token chose the same expert). Runs go to worker processes, ``--jobs`` at a
+time, one torch thread each.
 
     .venv/bin/python benchmarks/dropin_defaults.py --seeds 0 1 2 --lrs 1e-3 3e-3 --steps 400 \\
-        --variants dense library '{"routed_scaling_factor": 1.0}'
+        --variants dense library '{"routed_scaling_factor": 2.0}'
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def _run_one(variant: str, seed: int, lr: float, steps: int) -> dict[str, object]:
+def _run_one(
+    variant: str, seed: int, lr: float, steps: int, all_default_init: bool = False
+) -> dict[str, object]:
     import torch
 
     import pytorch_mixtures as pm
@@ -41,6 +45,10 @@ def _run_one(variant: str, seed: int, lr: float, steps: int) -> dict[str, object
     model = build_model(ModelConfig(dim=dim, num_layers=4, ffn_hidden=top_k * hidden), seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1000)
+        if all_default_init:  # the user's model: PyTorch's default init everywhere
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    module.reset_parameters()
         for block in model.layers:
             if variant == "dense":  # the user's dense FFN, with PyTorch's default init
                 for linear in (block.ffn.gate_up, block.ffn.down):
@@ -74,12 +82,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--variants", nargs="+", default=["dense", "library"])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--all-default-init", action="store_true",
+        help="PyTorch's default init for every layer (not only the FFN)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/dropin.jsonl"))
     parser.add_argument("--one", nargs=3, metavar=("VARIANT", "SEED", "LR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         variant, seed, lr = args.one
-        print(json.dumps(_run_one(variant, int(seed), float(lr), args.steps)))
+        row = _run_one(variant, int(seed), float(lr), args.steps, args.all_default_init)
+        print(json.dumps(row))
         return
     jobs = [(v, s, lr) for lr in args.lrs for s in args.seeds for v in args.variants]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -87,6 +100,7 @@ def main() -> None:
     def launch(job: tuple[str, int, float]) -> dict[str, object]:
         v, s, lr = job
         cmd = [sys.executable, __file__, "--steps", str(args.steps), "--one", v, str(s), str(lr)]
+        cmd += ["--all-default-init"] if args.all_default_init else []
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         row: dict[str, object] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)

@@ -609,3 +609,43 @@ def test_torch_compile_matches_eager_in_training_and_eval(causal_router):
         (compiled_g,) = torch.autograd.grad(compiled_y.square().sum(), x)
         torch.testing.assert_close(compiled_y, eager_y)
         torch.testing.assert_close(compiled_g, eager_g)
+
+
+@pytest.mark.parametrize(("batch", "padded"), [(1, False), (3, False), (3, True)])
+def test_decode_step_equals_the_general_route(batch, padded):
+    """One token per row in eval (decoding): the sort-free decode step gives what the general
+    gather/scatter route gives, bit for bit, and a step no row selects never calls the block."""
+    torch.manual_seed(11)
+
+    class CachedBlock(nn.Module):  # takes a (here unused) per-row state, as a KV cache would
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(DIM, DIM)
+
+        def forward(self, x: Tensor, attention_mask=None, position_ids=None, cache=None):
+            assert cache is state
+            return torch.tanh(self.linear(x)) * (1 + position_ids[..., None])
+
+    state = object()
+    mod = pm.MixtureOfDepths(CachedBlock(), DIM, 0.5).eval()
+    x = torch.randn(batch, 1, DIM)
+    mask = torch.ones(batch, 1, dtype=torch.bool)
+    if padded:
+        mask[1, 0] = False
+    pos = torch.full((batch, 1), 7)
+    for threshold in (0.0, 0.5, 0.999):  # everything, some, nothing selected
+        mod.threshold = threshold
+        with torch.no_grad():
+            fast = mod(x, attention_mask=mask if padded else None, position_ids=pos, cache=state)
+            r = mod.router_logits(x)
+            selected = (torch.sigmoid(mod.causal_logits(x, r)) > threshold) & mask
+            general = mod._route(x, r, selected, pos, not padded, {"cache": state})
+        assert torch.equal(fast, general), threshold
+        assert torch.equal(mod.stats.processed_per_row, selected.sum(-1))
+
+    calls = []
+    mod.block.register_forward_hook(lambda module, args, out: calls.append(1))
+    mod.threshold = 0.999999
+    with torch.no_grad():
+        assert torch.equal(mod(x, position_ids=pos, cache=state), x)
+    assert calls == []

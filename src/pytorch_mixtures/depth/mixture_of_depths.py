@@ -34,6 +34,7 @@ Shape legend: B batch, T sequence, K gathered slots per row (max over rows), D m
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterable
@@ -196,10 +197,24 @@ class MixtureOfDepths(AuxLossModule):
             hidden = predictor_hidden if predictor_hidden is not None else max(8, dim // 8)
             self.predictor = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self._stats: MoDStats | None = None
+        # the last forward's (real, selected, agreement, causal), turned into stats when read
+        self._pending_stats: tuple[Tensor, Tensor, Tensor | None, bool] | None = None
 
     @property
     def stats(self) -> MoDStats | None:
-        """Statistics of the last forward (None before the first)."""
+        """Statistics of the last forward (None before the first); computed when first read."""
+        if self._pending_stats is not None:
+            real_BT, selected_BT, agreement, causal = self._pending_stats
+            self._pending_stats = None
+            processed_B = selected_BT.sum(-1)
+            self._stats = MoDStats(
+                num_tokens=real_BT.sum(),
+                processed_tokens=processed_B.sum(),
+                processed_per_row=processed_B,
+                capacity=self.capacity,
+                causal=causal,
+                predictor_agreement=agreement,
+            )
         return self._stats
 
     @property
@@ -210,7 +225,7 @@ class MixtureOfDepths(AuxLossModule):
     def router_logits(self, x: Tensor) -> Tensor:
         """Router scores ``r`` ``[B, T]``: float32 (float64 for float64 input), even autocast."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             return F.linear(x.to(dtype), self.router.weight.to(dtype)).squeeze(-1)
 
     def causal_logits(self, x: Tensor, router_logits: Tensor | None = None) -> Tensor:
@@ -224,7 +239,7 @@ class MixtureOfDepths(AuxLossModule):
         if self.predictor is None:
             raise ValueError("causal_router: 'none' has no causal decision logits")
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             logits: Tensor = self.predictor(x.detach().to(dtype)).squeeze(-1)
         return logits
 
@@ -241,33 +256,57 @@ class MixtureOfDepths(AuxLossModule):
             position_ids = torch.arange(seq_len, device=x.device).expand(batch, -1)
         r_BT = self.router_logits(x)
         real_BT = torch.ones_like(r_BT, dtype=torch.bool) if valid_BT is None else valid_BT
-        num_real_B = real_BT.sum(-1)
 
         causal = self.uses_causal_decisions
         if causal:
             prob_BT = torch.sigmoid(self.causal_logits(x, r_BT))
             selected_BT = (prob_BT > self.threshold) & real_BT
         else:
-            selected_BT = self._topk_membership(r_BT, real_BT, num_real_B)
+            selected_BT = self._topk_membership(r_BT, real_BT, real_BT.sum(-1))
 
         agreement = None
         if self.training and self.causal_router != "none":
             bce, agreement = self._bce(x, r_BT, selected_BT, real_BT)
             self._set_aux(self.aux_loss_coef * bce, {"mod_bce": bce.detach()})
         else:
-            self._set_aux(torch.zeros((), device=x.device), {})
+            self._aux_loss, self._aux_losses = None, {}  # zero (aux_loss makes it when read)
+        self._pending_stats = (real_BT, selected_BT, agreement, causal)
 
-        out = self._route(x, r_BT, selected_BT, position_ids, valid_BT is None, block_kwargs)
-        processed_B = selected_BT.sum(-1)
-        self._stats = MoDStats(
-            num_tokens=num_real_B.sum(),
-            processed_tokens=processed_B.sum(),
-            processed_per_row=processed_B,
-            capacity=self.capacity,
-            causal=causal,
-            predictor_agreement=agreement,
+        if seq_len == 1 and (self.block_kwargs_hold_state(block_kwargs) or batch == 1):
+            return self._decode_step(
+                x, r_BT, selected_BT, position_ids, valid_BT is None, block_kwargs
+            )
+        return self._route(x, r_BT, selected_BT, position_ids, valid_BT is None, block_kwargs)
+
+    @staticmethod
+    def block_kwargs_hold_state(block_kwargs: dict[str, Any]) -> bool:
+        """Whether the block gets per-row state (a KV cache): then every row must be passed."""
+        return any(v is not None for v in block_kwargs.values())
+
+    def _decode_step(
+        self,
+        x_B1D: Tensor,
+        r_B1: Tensor,
+        selected_B1: Tensor,
+        position_ids: Tensor,
+        no_padding: bool,
+        block_kwargs: dict[str, Any],
+    ) -> Tensor:
+        """One token per row (decoding): what :meth:`_route` computes, without its sort, gather
+        and scatter. A step no row selects costs only the router (and one host sync to know)."""
+        count = int(selected_B1.sum())  # the one host sync: whether the block runs at all
+        if count == 0:
+            return x_B1D
+        valid_B1 = None if no_padding and count == selected_B1.numel() else selected_B1
+        x_sel_B1D = x_B1D if valid_B1 is None else torch.where(valid_B1[..., None], x_B1D, 0.0)
+        y_B1D = self._run_block(x_sel_B1D, position_ids, valid_B1, **block_kwargs).to(x_B1D.dtype)
+        if valid_B1 is not None:
+            y_B1D = torch.where(valid_B1[..., None], y_B1D, 0.0)
+        delta_B1D = y_B1D - x_sel_B1D if self.block_returns_residual else y_B1D
+        update_B1D = x_sel_B1D + (_GATES[self.gate](r_B1)[..., None] * delta_B1D).to(x_B1D.dtype)
+        return (
+            update_B1D if valid_B1 is None else torch.where(valid_B1[..., None], update_B1D, x_B1D)
         )
-        return out
 
     def _topk_membership(self, r_BT: Tensor, real_BT: Tensor, num_real_B: Tensor) -> Tensor:
         """Per row, the top ``ceil(c * n_real)`` real tokens by score; ties to the lower index."""
@@ -330,7 +369,7 @@ class MixtureOfDepths(AuxLossModule):
 
         all_valid = no_padding and fewest == num_slots
         rows_R = None
-        per_row_state = any(v is not None for v in block_kwargs.values())  # e.g. a KV cache
+        per_row_state = self.block_kwargs_hold_state(block_kwargs)  # e.g. a KV cache
         if not per_row_state and fewest == 0:
             # a row with nothing to process skips the block entirely: a naive attention block
             # would give its all-masked softmax NaN, and NaN * 0 reaches the gradients
@@ -410,6 +449,14 @@ class MixtureOfDepths(AuxLossModule):
 
 
 MoDLayer = MixtureOfDepths
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled for router math; a no-op context when it is off anyway (decoding calls
+    this per token, and entering autocast costs microseconds)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_threshold(threshold: object) -> float:
