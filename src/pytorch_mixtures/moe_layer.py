@@ -238,8 +238,11 @@ class MoELayer(AuxLossModule):
             )
             if mask_BT is not None:
                 y_ND = torch.where(mask_BT.reshape(-1, 1), y_ND, 0.0)
-            self._aux_loss, self._aux_losses = None, {}  # completed when read
-            self._pending = (decision, x_BTD, mask_BT)
+            # plain attributes set through __dict__: nn.Module.__setattr__'s bookkeeping costs
+            # microseconds per call, a visible share of a decode step
+            self.__dict__.update(
+                _aux_loss=None, _aux_losses={}, _pending=(decision, x_BTD, mask_BT)
+            )
         else:
             if self.router.uses_token_ids:
                 route = self.router(x_BTD, mask_BT, token_ids=token_ids)

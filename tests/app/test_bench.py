@@ -47,3 +47,29 @@ def test_cli_bench_subcommand(tmp_path, capsys):
 
     (result,) = json.loads(out.read_text())
     assert set(result["fwd_ratio"]) == {"dense-equivalent", "moe[auto]"}
+
+
+def test_decode_bench_tables_have_every_ratio():
+    """bench --decode's tables at the small size, one repetition: every candidate's ratio to
+    dense is there and positive (no timing is asserted)."""
+    from pytorch_mixtures.app import decode_bench
+
+    size = decode_bench.SIZES["small"]
+    rows = decode_bench.layer_table(size, repeats=1, inner=1)
+    rows += decode_bench.generate_table(size, repeats=1, prompt=4, new_tokens=2)
+    rows += decode_bench.train_table(size, repeats=1, batch=2, seq=8)
+    whats = [what for _, what, _ in rows]
+    assert whats == [
+        "layer, 1 token",
+        "layer, 8 tokens",
+        "generate, batch 1",
+        "generate, batch 8",
+        "train step, batch 2x8",
+    ]
+    for _, what, values in rows:
+        ratios = {k: v for k, v in values.items() if k.endswith(" x")}
+        expected = {"moe x", "moe full path x"} if what.startswith("layer") else {"moe x", "mod x"}
+        assert expected <= ratios.keys(), what
+        assert all(v > 0 for v in values.values()), what
+    table = decode_bench.format_rows("t", rows)
+    assert table.count("\n") == len(rows) + 2

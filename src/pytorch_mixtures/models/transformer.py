@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import name_layers
+from ..checks import check_int, name_layers
 from ..depth import CausalRouterName, GateName, MixtureOfDepths
 from ..experts import SwiGLUExperts
 from ..moe_layer import MoELayer
@@ -82,11 +82,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-            if value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+            check_int(name, getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k: expected an integer in [1, num_experts={self.num_experts}], "
