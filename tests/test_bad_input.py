@@ -98,6 +98,17 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("activation", lambda t: pm.MLPExperts(E, D, 16, activation="nope"), ValueError, ("activation",)),
     ("hidden zero", lambda t: pm.SwiGLUExperts(E, D, 0), ValueError, ("hidden_dim",)),
     ("heads", lambda t: pm.MHSA(10, 3), ValueError, ("num_heads",)),
+    # --- masks hold only 0/1 (an additive mask is refused, never reinterpreted); token ids exactly shaped
+    ("layer additive mask", lambda t: layer()(x(), attention_mask=torch.tensor([[0.0, 0.0, float("-inf")]] * 2)), ValueError, ("attention_mask", "0/1", "-inf", "== 0")),
+    ("layer mask of twos", lambda t: layer()(x(), attention_mask=torch.full((2, 3), 2)), ValueError, ("attention_mask", "0/1", "2")),
+    ("router mask of -1", lambda t: topk()(x(), torch.full((2, 3), -1)), ValueError, ("attention_mask", "0/1", "-1")),
+    ("router nan mask", lambda t: topk()(x(), torch.full((2, 3), float("nan"))), ValueError, ("attention_mask", "0/1", "nan")),
+    ("soft moe additive mask", lambda t: pm.SoftMoE(D, E, 1, pm.MLPExperts(E, D, 16))(x(), torch.tensor([[0.0, float("-inf"), 0.0]] * 2)), ValueError, ("attention_mask", "0/1", "-inf")),
+    ("mod additive mask", lambda t: pm.MixtureOfDepths(nn.Identity(), D)(x(), torch.tensor([[0.0, float("-inf"), 0.0]] * 2)), ValueError, ("attention_mask", "0/1", "-inf")),
+    ("mhsa mask of twos", lambda t: pm.MHSA(D, 2)(x(), torch.full((2, 3), 2.0)), ValueError, ("attention_mask", "0/1", "2.0")),
+    ("hash token ids transposed", lambda t: pm.MoELayer(D, pm.HashRouter(D, E, 50), pm.MLPExperts(E, D, 16))(x(), token_ids=torch.zeros(3, 2, dtype=torch.long)), ValueError, ("token_ids", "(2, 3)", "(3, 2)")),
+    ("hash token ids flat", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.zeros(6, dtype=torch.long)), ValueError, ("token_ids", "(2, 3)", "(6,)")),
+    ("hash bool token ids", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.ones(2, 3, dtype=torch.bool)), TypeError, ("token_ids", "integer", "torch.bool")),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),

@@ -649,3 +649,15 @@ def test_decode_step_equals_the_general_route(batch, padded):
     with torch.no_grad():
         assert torch.equal(mod(x, position_ids=pos, cache=state), x)
     assert calls == []
+
+
+def test_per_row_k_is_the_exact_ceiling_of_capacity_times_real_tokens():
+    """k = ceil(c * n_real) as decimals: 0.55 of 100 tokens is 55 (the float product is
+    55.00000000000001, whose ceiling would be 56)."""
+    assert math.ceil(0.55 * 100) == 56
+    mod = pm.MixtureOfDepths(nn.Identity(), DIM, capacity=0.55).train()
+    for n_real, want in ((100, 55), (20, 11), (3, 2), (1, 1)):
+        mask = torch.zeros(2, 100, dtype=torch.bool)
+        mask[:, :n_real] = True
+        mod(torch.randn(2, 100, DIM), attention_mask=mask)
+        assert mod.stats.processed_per_row.tolist() == [want, want], n_real

@@ -439,3 +439,29 @@ def test_topk_schemes_are_read_only_and_validated_together():
     assert isinstance(pm.TopKRouter.num_groups, object)  # class access does not crash
     copy = pickle.loads(pickle.dumps(router))
     assert copy.schemes == router.schemes
+
+
+def test_capacities_are_exact_integers_over_a_grid():
+    """ceil(cf * tokens * k / E) read as the decimals written, for token choice (with and
+    without padding) and expert choice: 2.2 * 45 / 3 is 33, not the float formula's 34."""
+    from fractions import Fraction
+
+    from pytorch_mixtures.routing.capacity import expert_choice_capacity, token_choice_keep
+
+    assert math.ceil(2.2 * 45 / 3) == 34  # the float formula is off here
+    for cf in (0.1, 0.3, 0.7, 1.0, 1.1, 1.25, 2.2, 2.5, 3.3):
+        for tokens in (1, 7, 10, 45, 64, 99):
+            for top_k, experts in ((1, 3), (2, 4), (3, 6), (2, 8)):
+                want = math.ceil(Fraction(str(cf)) * tokens * top_k / experts)
+                ids = torch.zeros(tokens, top_k, dtype=torch.long)
+                _, got = token_choice_keep(ids, None, cf, experts)
+                assert got == want, (cf, tokens, top_k, experts)
+                mask = torch.ones(tokens + 3, dtype=torch.bool)
+                mask[-3:] = False
+                padded_ids = torch.zeros(tokens + 3, top_k, dtype=torch.long)
+                _, got_masked = token_choice_keep(padded_ids, mask, cf, experts)
+                assert int(got_masked) == want, (cf, tokens, "masked")
+            want_ec = min(math.ceil(Fraction(str(cf)) * tokens / 3), tokens)
+            assert expert_choice_capacity(tokens, 3, cf, None) == want_ec
+            assert pm.ExpertChoiceRouter(DIM, 3, cf).capacity(tokens) == want_ec
+    assert pm.TopKRouter(DIM, 3, 1, capacity_factor=2.2)(torch.randn(45, DIM)).capacity == 33

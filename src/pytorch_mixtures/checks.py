@@ -136,6 +136,17 @@ def check_mask(
             f"attention_mask: expected a tensor on {x.device} (as x), "
             f"got one on {attention_mask.device}"
         )
+    if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
+        # one reduction (and a host sync) for non-bool masks: an additive mask (0 / -inf),
+        # 2, -1 or NaN must not be read as "real token"
+        bad = (attention_mask != 0) & (attention_mask != 1)
+        if bool(bad.any()):
+            value = attention_mask[bad][0].item()
+            raise ValueError(
+                "attention_mask: expected bool or 0/1 values (1 = token, 0 = padding), got "
+                f"{value!r}; an additive mask (0 = keep, -inf = padding) converts with "
+                "`attention_mask == 0`"
+            )
     return attention_mask.bool()
 
 
@@ -152,22 +163,30 @@ def check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor | No
     return value
 
 
-def check_token_ids(token_ids: object, shape: tuple[int, ...], vocab_size: int) -> Tensor:
-    """Token ids for ``shape`` tokens, integers in ``[0, vocab_size)``; returned flat int64."""
+def check_token_ids(
+    token_ids: object, shape: tuple[int, ...], vocab_size: int | None = None
+) -> Tensor:
+    """Token ids of exactly ``shape`` (the input's leading shape), integers (not bool), in
+    ``[0, vocab_size)`` when it is given; returned flat int64."""
     if token_ids is None:
         raise ValueError(
             "token_ids: expected the input's token ids (this router routes on them), got None; "
             "pass them as moe(x, token_ids=input_ids) or router(x, token_ids=input_ids)"
         )
-    if not isinstance(token_ids, Tensor) or token_ids.is_floating_point():
+    if (
+        not isinstance(token_ids, Tensor)
+        or token_ids.is_floating_point()
+        or token_ids.is_complex()
+        or token_ids.dtype == torch.bool
+    ):
         raise TypeError(f"token_ids: expected an integer Tensor, got {_kind(token_ids)}")
-    if token_ids.numel() != math.prod(shape):
+    if tuple(token_ids.shape) != tuple(shape):
         raise ValueError(
-            f"token_ids: expected shape {tuple(shape)} (one id per token), "
-            f"got {tuple(token_ids.shape)}"
+            f"token_ids: expected shape {tuple(shape)} (one id per token, as x's leading "
+            f"dimensions), got {tuple(token_ids.shape)}"
         )
     ids_N = token_ids.reshape(-1).long()
-    if ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= vocab_size):
+    if vocab_size is not None and ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= vocab_size):
         raise ValueError(
             f"token_ids: expected ids in [0, {vocab_size}), "
             f"got min {int(ids_N.min())}, max {int(ids_N.max())}"

@@ -19,6 +19,7 @@ from .checks import (
     check_input_matches,
     check_int,
     check_mask,
+    check_token_ids,
     raise_if_nonfinite,
 )
 from .experts import ExpertsBase, as_experts
@@ -245,6 +246,10 @@ class MoELayer(AuxLossModule):
             )
         else:
             if self.router.uses_token_ids:
+                if isinstance(token_ids, Tensor) and token_ids.shape == x.shape[:-1]:
+                    token_ids = token_ids.reshape(x_BTD.shape[:2])  # as x was flattened
+                else:  # the router names what is wrong against x's own leading shape
+                    check_token_ids(token_ids, tuple(x.shape[:-1]))
                 route = self.router(x_BTD, mask_BT, token_ids=token_ids)
             else:
                 route = self.router(x_BTD, mask_BT)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +52,7 @@ from ..checks import (
     check_shape,
 )
 from ..losses import AuxLossModule
+from ..routing.capacity import capacity_ratio, ceil_scaled
 from .adapters import BlockAdapter
 
 __all__ = [
@@ -218,6 +218,16 @@ class MixtureOfDepths(AuxLossModule):
         return self._stats
 
     @property
+    def capacity(self) -> float:
+        """The capacity ``c`` in (0, 1]; setting it keeps its exact ratio for ``ceil(c * n)``."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: float) -> None:
+        self._capacity = float(value)
+        self._capacity_ratio = capacity_ratio(self._capacity)
+
+    @property
     def uses_causal_decisions(self) -> bool:
         """True when this forward would decide per token (eval with a causal router)."""
         return not self.training and self.causal_router != "none"
@@ -310,7 +320,8 @@ class MixtureOfDepths(AuxLossModule):
 
     def _topk_membership(self, r_BT: Tensor, real_BT: Tensor, num_real_B: Tensor) -> Tensor:
         """Per row, the top ``ceil(c * n_real)`` real tokens by score; ties to the lower index."""
-        k_B = torch.ceil(num_real_B.double() * self.capacity).long()
+        p, q = self._capacity_ratio  # exact: 0.7 of 10 tokens is 7, not the float's 8
+        k_B = (num_real_B * p + q - 1) // q
         score_BT = torch.where(real_BT, r_BT.detach(), float("-inf"))
         # stable descending sort: equal scores keep index order, so ties go to the lower index
         order_BT = torch.argsort(score_BT, dim=-1, descending=True, stable=True)
@@ -474,7 +485,7 @@ def _threshold_for(probs: Tensor, capacity: float) -> float:
     if probs.numel() == 0:
         raise ValueError("x: expected at least one real token to calibrate on, got none")
     sorted_probs = probs.double().sort(descending=True).values
-    k = math.ceil(capacity * probs.numel())
+    k = ceil_scaled(capacity, probs.numel())
     if k >= probs.numel():
         return 0.0
     # midpoint between the k-th and (k+1)-th largest: exactly k lie above it

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_features, check_int, check_mask
+from ..checks import check_capacity_factor, check_features, check_int, check_mask
+from .capacity import capacity_ratio
 
 __all__ = ["Decision", "Router", "RouterOutput", "token_major_output"]
 
@@ -137,13 +138,25 @@ class Router(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim)
         self.num_experts = check_int("num_experts", num_experts)
-        self.capacity_factor: float | None = None
+        self.capacity_factor = None
         if self.has_gate:
             self.gate = nn.Linear(dim, num_experts, bias=False)
             # small init: unit-variance logits make the first steps pick experts by noise and
             # collapse
             std = 0.02 if init_std is None else init_std
             nn.init.normal_(self.gate.weight, mean=0.0, std=std)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """None (dropless) or the capacity factor; setting it validates it and keeps its exact
+        ratio (:func:`~pytorch_mixtures.routing.capacity.capacity_ratio`)."""
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float | None) -> None:
+        factor = check_capacity_factor(value)
+        self._capacity_factor = factor
+        self._capacity_ratio = None if factor is None else capacity_ratio(factor)
 
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, *, token_ids: Tensor | None = None
@@ -156,6 +169,8 @@ class Router(nn.Module):
         mask_BT = None if mask is None else mask.reshape(x_BTD.shape[:2])
         if token_ids is not None and not self.uses_token_ids:
             raise TypeError(f"token_ids: {type(self).__name__} does not route on token ids")
+        if token_ids is not None and tuple(token_ids.shape) == tuple(x.shape[:-1]):
+            token_ids = token_ids.reshape(x_BTD.shape[:2])  # [N] ids of [N, D] input
         return self.route(x_BTD, mask_BT, token_ids)
 
     def route(

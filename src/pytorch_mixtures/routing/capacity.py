@@ -5,17 +5,47 @@
   dropped for that expert only.
 * Expert choice (Zhou et al. 2022): each expert takes ``C`` tokens per sequence.
 
+Capacities are exact integers: a factor is read as the decimal it was written as
+(``Fraction(repr(cf))``: 2.2 is 11/5, not the binary float 2.2000000000000002), and
+``ceil(p * n / q)`` is integer arithmetic, so ``2.2 * 45 / 3`` gives 33, not 34.
+
 Shape legend: N tokens, K slots per token, E experts, T sequence length.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-__all__ = ["capacity_keep_mask", "expert_choice_capacity", "token_choice_keep"]
+__all__ = [
+    "capacity_fraction",
+    "capacity_keep_mask",
+    "capacity_ratio",
+    "ceil_scaled",
+    "expert_choice_capacity",
+    "token_choice_keep",
+]
+
+
+def capacity_fraction(factor: float) -> Fraction:
+    """The decimal a user wrote (``repr`` is the shortest string that reads back the float)."""
+    return Fraction(repr(float(factor)))
+
+
+def capacity_ratio(factor: float) -> tuple[int, int]:
+    """``factor`` as an exact ratio ``(p, q)`` of its shortest decimal (computed where the
+    factor is set: ``Fraction`` cannot run under ``torch.compile``)."""
+    # a bounded denominator keeps p * tokens * K inside int64 (short decimals stay exact)
+    fraction = capacity_fraction(factor).limit_denominator(10**9)
+    return fraction.numerator, fraction.denominator
+
+
+def ceil_scaled(factor: float, count: int) -> int:
+    """``ceil(factor * count)``, exactly, reading ``factor`` as its shortest decimal."""
+    return math.ceil(capacity_fraction(factor) * count)
 
 
 def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_experts: int) -> Tensor:
@@ -45,7 +75,11 @@ def capacity_keep_mask(expert_ids_KN: Tensor, capacity: Tensor | int, num_expert
 
 
 def token_choice_keep(
-    expert_ids_NK: Tensor, mask_N: Tensor | None, capacity_factor: float | None, num_experts: int
+    expert_ids_NK: Tensor,
+    mask_N: Tensor | None,
+    capacity_factor: float | None,
+    num_experts: int,
+    ratio: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor | int | None]:
     """Which token-choice slots are kept: padding never, overflow past GShard capacity not.
 
@@ -54,6 +88,7 @@ def token_choice_keep(
         mask_N: ``[N]`` bool, False for padding, or None.
         capacity_factor: None (dropless) or ``cf``: capacity ``ceil(cf * real_tokens * K / E)``.
         num_experts: E.
+        ratio: ``capacity_ratio(cf)``, precomputed (routers keep it; needed under compile).
 
     Returns:
         ``kept_NK`` ``[N, K]`` bool, and the capacity (an int, a 0-dim int64 tensor when it
@@ -65,11 +100,14 @@ def token_choice_keep(
         kept_NK = kept_NK & mask_N.unsqueeze(-1)
     if capacity_factor is None:
         return kept_NK, None
+    p, q = capacity_ratio(capacity_factor) if ratio is None else ratio
+    # ceil(p * n * K / (q * E)) in integers: exact, and no host sync for a device count
+    p, q = p * top_k, q * num_experts
     capacity: Tensor | int
     if mask_N is None:
-        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+        capacity = (num_tokens * p + q - 1) // q
     else:
-        capacity = torch.ceil(capacity_factor * mask_N.sum() * top_k / num_experts).long()
+        capacity = (mask_N.sum() * p + (q - 1)) // q
     # padding slots take no capacity: give them the sentinel expert E
     prio_ids_KN = torch.where(kept_NK, expert_ids_NK, num_experts).T
     return capacity_keep_mask(prio_ids_KN, capacity, num_experts).T, capacity
@@ -80,17 +118,20 @@ def expert_choice_capacity(
     num_experts: int,
     capacity_factor: float | None,
     capacity: int | float | None,
+    ratio: tuple[int, int] | None = None,
 ) -> int:
     """Tokens each expert takes from a sequence of ``seq_len`` (never more than ``seq_len``).
 
-    ``capacity_factor`` gives ``ceil(cf * T / E)``; otherwise ``capacity`` is an int count or a
-    float fraction of the sequence (``ceil(capacity * T)``).
+    ``capacity_factor`` gives ``ceil(cf * T / E)`` (``ratio``: its precomputed
+    :func:`capacity_ratio`); otherwise ``capacity`` is an int count or a float fraction of the
+    sequence (``ceil(capacity * T)``).
     """
     if capacity_factor is not None:
-        count = math.ceil(capacity_factor * seq_len / num_experts)
+        p, q = capacity_ratio(capacity_factor) if ratio is None else ratio
+        count = (seq_len * p + q * num_experts - 1) // (q * num_experts)
     elif isinstance(capacity, int):
         count = capacity
     else:
         assert capacity is not None
-        count = math.ceil(capacity * seq_len)
+        count = ceil_scaled(capacity, seq_len)
     return min(count, seq_len)

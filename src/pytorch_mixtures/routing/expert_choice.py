@@ -88,8 +88,9 @@ class ExpertChoiceRouter(Router):
     def capacity(self, seq_len: int) -> int:
         """Tokens each expert takes from a sequence of ``seq_len`` tokens."""
         return expert_choice_capacity(
-            seq_len, self.num_experts, self.capacity_factor, self.expert_capacity
-        )
+            seq_len, self.num_experts, self.capacity_factor, self.expert_capacity,
+            self._capacity_ratio,
+        )  # fmt: skip
 
     def route(
         self, x_BTD: Tensor, mask_BT: Tensor | None, token_ids: Tensor | None

@@ -35,13 +35,16 @@ def _fixed_output(
     weight: float,
     mask_BT: Tensor | None,
     capacity_factor: float | None,
+    ratio: tuple[int, int] | None,
 ) -> RouterOutput:
     """A token-major :class:`RouterOutput` with every slot weighted ``weight``, GShard capacity
     (as ``TopKRouter``'s), ``probs`` as logits and no aux loss."""
     num_experts = probs_NE.shape[-1]
     mask_N = None if mask_BT is None else mask_BT.reshape(-1)
     weights_NK = torch.full(expert_ids_NK.shape, weight, dtype=probs_NE.dtype, device=x_BTD.device)
-    kept_NK, capacity = token_choice_keep(expert_ids_NK, mask_N, capacity_factor, num_experts)
+    kept_NK, capacity = token_choice_keep(
+        expert_ids_NK, mask_N, capacity_factor, num_experts, ratio
+    )
     zero = torch.zeros((), device=x_BTD.device)
     return token_major_output(
         probs_NE, probs_NE, expert_ids_NK, weights_NK, kept_NK, mask_N, capacity, {}, zero
@@ -100,7 +103,10 @@ class HashRouter(Router):
         expert_ids_N1 = self.hash_table[ids_N.to(self.hash_table.device)].to(device).view(-1, 1)
         dtype = torch.promote_types(x_BTD.dtype, torch.float32)
         probs_NE = F.one_hot(expert_ids_N1.view(-1), self.num_experts).to(dtype)
-        return _fixed_output(x_BTD, expert_ids_N1, probs_NE, 1.0, mask_BT, self.capacity_factor)
+        return _fixed_output(
+            x_BTD, expert_ids_N1, probs_NE, 1.0, mask_BT, self.capacity_factor,
+            self._capacity_ratio,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -165,8 +171,9 @@ class UniformRouter(Router):
             (num_tokens, num_experts), 1.0 / num_experts, dtype=dtype, device=device
         )
         return _fixed_output(
-            x_BTD, expert_ids_NK, probs_NE, 1.0 / top_k, mask_BT, self.capacity_factor
-        )
+            x_BTD, expert_ids_NK, probs_NE, 1.0 / top_k, mask_BT, self.capacity_factor,
+            self._capacity_ratio,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

@@ -429,7 +429,7 @@ class TopKRouter(Router):
         else:
             balance_probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         kept_NK, capacity = token_choice_keep(
-            expert_ids_NK, mask_N, self.capacity_factor, self.num_experts
+            expert_ids_NK, mask_N, self.capacity_factor, self.num_experts, self._capacity_ratio
         )
         aux_losses = self._aux_losses(
             batch_shape, clean_logits_NE, balance_probs_NE, expert_ids_NK, mask_BT
