@@ -109,6 +109,15 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("hash token ids transposed", lambda t: pm.MoELayer(D, pm.HashRouter(D, E, 50), pm.MLPExperts(E, D, 16))(x(), token_ids=torch.zeros(3, 2, dtype=torch.long)), ValueError, ("token_ids", "(2, 3)", "(3, 2)")),
     ("hash token ids flat", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.zeros(6, dtype=torch.long)), ValueError, ("token_ids", "(2, 3)", "(6,)")),
     ("hash bool token ids", lambda t: pm.HashRouter(D, E, 50)(x(), token_ids=torch.ones(2, 3, dtype=torch.bool)), TypeError, ("token_ids", "integer", "torch.bool")),
+    # --- flags are bools; generation and upcycling arguments are checked
+    ("router normalize str", lambda t: topk(normalize_weights="no"), TypeError, ("normalize_weights", "True or False", "'no'")),
+    ("router expert_bias int", lambda t: topk(expert_bias=1), TypeError, ("expert_bias", "True or False", "int")),
+    ("layer check_finite str", lambda t: layer(check_finite="yes"), TypeError, ("check_finite", "True or False", "'yes'")),
+    ("soft moe normalize str", lambda t: pm.SoftMoE(D, E, 1, pm.MLPExperts(E, D, 16), normalize="off"), TypeError, ("normalize", "True or False", "'off'")),
+    ("mhsa causal str", lambda t: pm.MHSA(D, 2, causal="true"), TypeError, ("causal", "True or False", "'true'")),
+    ("generate negative tokens", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), -1), ValueError, ("max_new_tokens", ">= 0", "-1")),
+    ("generate nan temperature", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=float("nan")), ValueError, ("temperature", ">= 0", "nan")),
+    ("generate top_k over vocab", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=1.0, top_k=51), ValueError, ("top_k", "[1, 50]", "51")),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),

@@ -129,6 +129,8 @@ def test_moeify_bad_inputs():
         pm.interop.moeify(model, num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="every: expected an integer"):
         pm.interop.moeify(model, num_experts=4, every=0)
+    with pytest.raises(ValueError, match=r"every: expected at most .* no layer would be converted"):
+        pm.interop.moeify(model, num_experts=4, every=10)
     with pytest.raises(ValueError, match=r"noise: expected a finite float >= 0, got -0\.1"):
         pm.interop.moeify(model, num_experts=4, noise=-0.1)
     with pytest.raises(ValueError, match="mlp_name: expected layers with a 'ffn' submodule"):

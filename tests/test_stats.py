@@ -71,3 +71,19 @@ def test_routing_stats_table_and_plot(tmp_path):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="history"):
         pm.plot_expert_load([], tmp_path / "x.png")
+
+
+def test_nan_router_weights_are_counted_as_nonfinite_tokens():
+    """A NaN in the router's weights makes every routed token's logits NaN: the stats say so
+    (they do not report all is well)."""
+    moe = pm.MoELayer(DIM, pm.TopKRouter(DIM, 4, 2), pm.MLPExperts(4, DIM, 8))
+    x = torch.randn(2, 3, DIM)
+    moe(x)
+    assert int(moe.stats.nonfinite_tokens) == 0
+    with torch.no_grad():
+        moe.router.gate.weight[1, 0] = float("nan")
+    moe(x)
+    assert int(moe.stats.nonfinite_tokens) == 6
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    moe(x, attention_mask=mask)
+    assert int(moe.stats.nonfinite_tokens) == 3  # padding is not counted

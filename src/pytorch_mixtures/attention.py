@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_features, check_int, check_mask
+from .checks import check_features, check_flag, check_int, check_mask
 
 __all__ = ["MHSA"]
 
@@ -36,6 +36,8 @@ class MHSA(nn.Module):
         super().__init__()
         check_int("dim", dim)
         check_int("num_heads", num_heads, low=None)
+        check_flag("causal", causal)
+        check_flag("bias", bias)
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(
                 f"num_heads: expected a divisor of dim={dim}, got num_heads={num_heads}"

@@ -4,7 +4,8 @@ Every public class and function validates through these, so the same mistake get
 message everywhere: ``"<argument>: expected <what>, got <value>"``, a ``TypeError`` for the
 wrong kind of value and a ``ValueError`` for a value out of range or of the wrong shape.
 
-* Scalars: :func:`check_int`, :func:`check_nonnegative_float`, :func:`check_capacity_factor`.
+* Scalars: :func:`check_int`, :func:`check_flag`, :func:`check_nonnegative_float`,
+  :func:`check_capacity_factor`.
 * Tensors: :func:`check_features` (``x``), :func:`check_mask` (``attention_mask``),
   :func:`check_shape` (``position_ids`` and other per-token tensors), :func:`check_token_ids`,
   :func:`check_input_matches` (device and dtype against a layer's parameters).
@@ -26,6 +27,7 @@ from .files import load_state_dict_file, readable_file
 __all__ = [
     "check_capacity_factor",
     "check_features",
+    "check_flag",
     "check_input_matches",
     "check_int",
     "check_mask",
@@ -60,6 +62,13 @@ def check_int(name: str, value: object, low: int | None = 1, high: int | None = 
         else:
             bounds = f"in [{low}, {high}]"
         raise ValueError(f"{name}: expected an integer {bounds}, got {value}")
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool: a string such as ``"no"`` is truthy and must not pass."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
     return value
 
 

@@ -16,6 +16,7 @@ from .backends import DECODE_MAX_SLOTS, use_decode_path
 from .checks import (
     check_capacity_factor,
     check_features,
+    check_flag,
     check_input_matches,
     check_int,
     check_mask,
@@ -158,11 +159,12 @@ class MoELayer(AuxLossModule):
             raise TypeError(
                 f"shared_experts: expected an nn.Module, got {type(shared_experts).__name__}"
             )
-        if shared_expert_gate and shared_experts is None:
+        check_flag("causal", causal)
+        if check_flag("shared_expert_gate", shared_expert_gate) and shared_experts is None:
             raise ValueError("shared_expert_gate: True needs shared_experts, got None")
         self.shared_experts = shared_experts
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if shared_expert_gate else None
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_flag("check_finite", check_finite)
         # qualified name for error messages; set by pytorch_mixtures.checks.name_layers(model)
         self.layer_name: str | None = None
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_features, check_int, check_mask
+from .checks import check_features, check_flag, check_int, check_mask
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
 
@@ -76,7 +76,7 @@ class SoftMoE(AuxLossModule):
             )
         # LeCun normal, as the paper's code initialises phi
         self.phi = nn.Parameter(torch.randn(dim, num_experts * slots_per_expert) / math.sqrt(dim))
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
 
     def routing_weights(

@@ -41,9 +41,10 @@ class RoutingStats:
             router's distribution over experts (sigmoid scores normalised per token); ``log E``
             for a uniform router, 0 for a one-hot one.
         top1_confidence: 0-dim float32, mean over real tokens of the largest probability.
-        nonfinite_tokens: 0-dim int64, real tokens whose input row holds NaN or inf. They are
-            routed like any other token (their own output is then non-finite); in dropless
-            top-k routing no other token's output is affected.
+        nonfinite_tokens: 0-dim int64, real tokens whose input row or router logits hold NaN or
+            inf (non-finite router weights show here). They are routed like any other token
+            (their own output is then non-finite); in dropless top-k routing no other token's
+            output is affected.
     """
 
     tokens_per_expert: Tensor
@@ -112,13 +113,13 @@ def routing_stats_from(
     if route.token_mask is not None:
         unrouted_N = unrouted_N & route.token_mask
     entropy, confidence = _router_confidence(route)
-    if x_ND is None:
-        nonfinite = torch.zeros((), dtype=torch.long, device=route.kept.device)
-    else:
-        nonfinite_N = ~torch.isfinite(x_ND.detach()).all(dim=-1)
-        if route.token_mask is not None:
-            nonfinite_N = nonfinite_N & route.token_mask
-        nonfinite = nonfinite_N.sum()
+    # a token whose input or router logits hold NaN/inf (NaN router weights show here too)
+    nonfinite_N = ~torch.isfinite(route.logits.detach()).all(dim=-1)
+    if x_ND is not None:
+        nonfinite_N = nonfinite_N | ~torch.isfinite(x_ND.detach()).all(dim=-1)
+    if route.token_mask is not None:
+        nonfinite_N = nonfinite_N & route.token_mask
+    nonfinite = nonfinite_N.sum()
     return RoutingStats(
         tokens_per_expert=plan.tokens_per_expert.detach(),
         num_tokens=real_tokens,

@@ -177,6 +177,12 @@ def moeify(
             f"mlp_name: expected layers with a {mlp_name!r} submodule inside an nn.ModuleList "
             f"of {type(model).__name__}, found none"
         )
+    most_layers = max(len(layers) for _, layers in layer_lists)
+    if every > most_layers:
+        raise ValueError(
+            f"every: expected at most {most_layers} (the model's decoder layers), got {every}: "
+            "no layer would be converted"
+        )
     for _, layers in layer_lists:
         for index, layer in enumerate(layers):
             if (index + 1) % every != 0:

@@ -396,6 +396,11 @@ class TransformerLM(nn.Module):
         Runs in eval mode (restored afterwards). ``attention_mask`` marks left padding (0).
         ``temperature=0`` is greedy. With ``use_cache`` each step feeds only the new token.
         """
+        check_int("max_new_tokens", max_new_tokens, low=0)
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:  # NaN fails too
+            raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
+        if top_k is not None:
+            check_int("top_k", top_k, 1, self.config.vocab_size)
         was_training = self.training
         self.eval()
         try:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_capacity_factor, check_int, check_nonnegative_float
+from ..checks import check_capacity_factor, check_flag, check_int, check_nonnegative_float
 from ..losses import (
     balance_loss_from_assignments,
     cv_squared,
@@ -126,13 +126,13 @@ class TopKSchemes:
         if balance not in ("batch", "sequence"):
             raise ValueError(f"balance: expected 'batch' or 'sequence', got {balance!r}")
         return cls(
-            noisy_gating=bool(noisy_gating),
+            noisy_gating=check_flag("noisy_gating", noisy_gating),
             noise_min_std=min_std,
             importance_loss_coef=check_nonnegative_float(
                 "importance_loss_coef", importance_loss_coef
             ),
             load_loss_coef=check_nonnegative_float("load_loss_coef", load_loss_coef),
-            expert_bias=bool(expert_bias),
+            expert_bias=check_flag("expert_bias", expert_bias),
             num_groups=groups,
             topk_groups=used_groups,
             group_score=group_score,
@@ -269,7 +269,7 @@ class TopKRouter(Router):
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
         self.score_func: ScoreFunc = score_func
-        self.normalize_weights = bool(normalize_weights)
+        self.normalize_weights = check_flag("normalize_weights", normalize_weights)
         jitter = check_nonnegative_float("jitter_noise", jitter_noise)
         if jitter >= 1:
             raise ValueError(f"jitter_noise: expected a value in [0, 1), got {jitter_noise}")
