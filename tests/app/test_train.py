@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from pytorch_mixtures.app.checkpoint import checkpoint_dir
 from pytorch_mixtures.app.cli import main
 from pytorch_mixtures.app.data import load_corpus
 from pytorch_mixtures.app.train import (
@@ -111,7 +117,9 @@ def test_moe_experts_start_like_the_dense_ffn():
 
 
 def _history(out: Path) -> list[dict]:
-    return json.loads((out / "state.json").read_text())["history"]
+    folder = checkpoint_dir(out)
+    assert folder is not None
+    return json.loads((folder / "state.json").read_text())["history"]
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path: Path, text_file: Path, tiny):
@@ -132,8 +140,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, text_file: Path, t
     # weights on disk are the same after both routes
     from safetensors.torch import load_file
 
-    w_full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    w_split = load_file(str(tmp_path / "split" / "model.safetensors"))
+    w_full = load_file(str(checkpoint_dir(tmp_path / "full") / "model.safetensors"))
+    w_split = load_file(str(checkpoint_dir(tmp_path / "split") / "model.safetensors"))
     for name, tensor in w_full.items():
         torch.testing.assert_close(tensor, w_split[name], rtol=1e-6, atol=1e-7)
 
@@ -173,3 +181,102 @@ def test_mod_eval_thresholds_are_calibrated_to_the_capacity(text_file: Path):
     # calibrated on training windows, so held-out capacity is near, not exactly, the target
     for rate in final["mod_capacity"]:
         assert abs(rate - 0.125) < 0.06
+
+
+# --- runs that survive a kill ---------------------------------------------------------------
+
+
+def _train_cmd(text_file: Path, out: Path, tiny: list[str], steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "pytorch_mixtures.app.cli", "train", "--model", "moe",
+        "--data", str(text_file), "--steps", str(steps), *tiny, "--warmup-steps", "2",
+        "--eval-every", str(steps), "--checkpoint-every", "1", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_resumes_to_the_same_losses(tmp_path, text_file, tiny):
+    """SIGKILL a real training process at random moments (while it trains and while it writes
+    its every-step checkpoints), resume each time: every resume succeeds, and the finished
+    run's loss curve equals an uninterrupted run's."""
+    steps = 40
+    reference = tmp_path / "reference"
+    main([*_train_cmd(text_file, reference, tiny, steps)[3:]])
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    kills = 0
+    for _ in range(6):
+        resume = ["--resume"] if checkpoint_dir(killed) is not None else []
+        proc = subprocess.Popen([*_train_cmd(text_file, killed, tiny, steps), *resume], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            proc.wait(timeout=rng.uniform(3.0, 4.5))  # the import takes ~3 s of it
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+        break
+    else:  # still not finished: one last uninterrupted resume
+        finished = subprocess.run([*_train_cmd(text_file, killed, tiny, steps), "--resume"],
+                                  env=env, capture_output=True, text=True)  # fmt: skip
+        assert finished.returncode == 0, finished.stderr
+    assert kills >= 2  # the test did kill the run (more than once)
+    want, got = _history(reference), _history(killed)
+    assert [h["step"] for h in got] == list(range(1, steps + 1))
+    for a, b in zip(want, got, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["step"], a["loss"], b["loss"])
+    leftovers = [p.name for p in killed.iterdir() if p.name.startswith(".incomplete-")]
+    assert leftovers == []  # an interrupted save is cleaned by the next one
+
+
+def test_a_corrupt_checkpoint_is_named_on_resume(tmp_path, text_file, tiny):
+    args = ["train", "--data", str(text_file), "--steps", "2", *tiny, "--out", str(tmp_path)]
+    main(["train", "--model", "dense", *args[1:]])
+    folder = checkpoint_dir(tmp_path)
+    assert folder is not None and (folder / "manifest.json").is_file()
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r"model\.safetensors' does not match its manifest"):
+        main(["train", "--model", "dense", "--resume", *args[1:]])
+    (tmp_path / "LATEST").write_text("step-missing\n")
+    with pytest.raises(SystemExit, match="names 'step-missing', which is missing"):
+        main(["train", "--model", "dense", "--resume", *args[1:]])
+
+
+def test_an_unwritable_out_is_refused_before_training(tmp_path, text_file, tiny):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["train", "--model", "dense", "--data", str(text_file), "--steps", "2", *tiny]
+    with pytest.raises(SystemExit, match="--out: expected a writable folder"):
+        main([*args, "--out", str(blocker / "sub")])
+
+
+def test_sigint_stops_at_a_step_boundary_after_a_checkpoint(tmp_path, text_file, tiny):
+    """The first Ctrl-C lets the step finish, checkpoints it and returns; resume continues."""
+    from pytorch_mixtures.app import train as train_module
+
+    corpus = load_corpus(text_file, min_split_tokens=65)
+    model = build_model(_tiny_config("moe"), 0)
+    config = TrainConfig(steps=6, batch_size=2, seq_len=32, warmup_steps=1, eval_every=6)
+    original = train_module.lr_at
+
+    def lr_then_interrupt(step: int, cfg: TrainConfig) -> float:
+        if step == 2:  # during step 3: as if the user pressed Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(step, cfg)
+
+    train_module.lr_at = lr_then_interrupt
+    try:
+        result = train(model, corpus, config, out=tmp_path, progress=False)
+    finally:
+        train_module.lr_at = original
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert _history(tmp_path)[-1]["step"] == 3
+    resumed = train(build_model(_tiny_config("moe"), 0), corpus, config, out=tmp_path,
+                    resume=True, progress=False)  # fmt: skip
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]

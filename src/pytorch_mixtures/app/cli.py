@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,9 +101,18 @@ def _corpus(args: argparse.Namespace) -> Corpus:
 
 
 def _check_out_dir(out: Path) -> None:
-    """``--out`` must be a folder (or not exist yet): say so before any training."""
+    """``--out`` must be a writable folder (made if missing): say so before any training."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"pytorch-mixtures: error: --out: expected a folder, got the file '{out}'")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise SystemExit(
+            f"pytorch-mixtures: error: --out: expected a writable folder, got '{out}' "
+            f"({error.strerror or error})"
+        ) from None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -19,9 +19,13 @@ Shape legend: B batch, T sequence length, V vocabulary, E experts.
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any, Literal
 
 import torch
@@ -296,6 +300,34 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, leave=True)
 
 
+class _StopOnSigint:
+    """While active (main thread only), a first SIGINT (Ctrl-C) asks the run to stop at the next
+    step boundary, after its checkpoint; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(
     model: TransformerLM,
     corpus: Corpus,
@@ -344,45 +376,52 @@ def train(
     model.train()
     end = config.steps if stop_at is None else min(max(stop_at, start), config.steps)
     bar = _progress(config.steps, start, name, progress)
-    try:
-        for step in range(start, end):
-            idx, targets = corpus.train_batch(config.batch_size, config.seq_len, config.seed, step)
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tick = time.perf_counter()
-            output = model(idx, targets=targets)
-            assert output.loss is not None
-            aux = aux_loss(model)
-            (output.loss + aux).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(output.loss.detach())  # syncs, so the timing below is honest
-            seconds = time.perf_counter() - tick
-            train_seconds += seconds
-            history.append(
-                {
-                    "step": step + 1,
-                    "lr": lr,
-                    "loss": loss,
-                    "aux_loss": float(aux.detach()),
-                    "tokens_per_s": tokens_per_step / seconds,
-                    "expert_load": _expert_loads(model),
-                    "mod_capacity": _mod_rates(model),
-                }
-            )
-            done = step + 1
-            if done % config.eval_every == 0 or done == config.steps:
-                evals.append(_eval_record(model, val, done, calibration))
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{evals[-1]['loss']:.3f}")
-            else:
-                bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update(1)
-            if out is not None and checkpoint_every and done % checkpoint_every == 0:
-                save_run_checkpoint(out, model, optimizer, config, done, history, evals)
-    finally:
-        bar.close()
+    with _StopOnSigint() as stop:
+        try:
+            for step in range(start, end):
+                idx, targets = corpus.train_batch(
+                    config.batch_size, config.seq_len, config.seed, step
+                )
+                lr = lr_at(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tick = time.perf_counter()
+                output = model(idx, targets=targets)
+                assert output.loss is not None
+                aux = aux_loss(model)
+                (output.loss + aux).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = float(output.loss.detach())  # syncs, so the timing below is honest
+                seconds = time.perf_counter() - tick
+                train_seconds += seconds
+                history.append(
+                    {
+                        "step": step + 1,
+                        "lr": lr,
+                        "loss": loss,
+                        "aux_loss": float(aux.detach()),
+                        "tokens_per_s": tokens_per_step / seconds,
+                        "expert_load": _expert_loads(model),
+                        "mod_capacity": _mod_rates(model),
+                    }
+                )
+                done = step + 1
+                if done % config.eval_every == 0 or done == config.steps:
+                    evals.append(_eval_record(model, val, done, calibration))
+                    bar.set_postfix(loss=f"{loss:.3f}", val=f"{evals[-1]['loss']:.3f}")
+                else:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+                if out is not None and checkpoint_every and done % checkpoint_every == 0:
+                    save_run_checkpoint(out, model, optimizer, config, done, history, evals)
+                if stop.requested:  # Ctrl-C: stop here, at a step boundary, and checkpoint below
+                    end = done
+                    print(f"\ninterrupted at step {done}; resume with --resume", file=sys.stderr)
+                    break
+        finally:
+            bar.close()
     if out is not None:
         save_run_checkpoint(out, model, optimizer, config, end, history, evals)
     run_steps = end - start
