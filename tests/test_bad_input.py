@@ -118,6 +118,13 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("generate negative tokens", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), -1), ValueError, ("max_new_tokens", ">= 0", "-1")),
     ("generate nan temperature", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=float("nan")), ValueError, ("temperature", ">= 0", "nan")),
     ("generate top_k over vocab", lambda t: lm().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=1.0, top_k=51), ValueError, ("top_k", "[1, 50]", "51")),
+    # --- errors the library names instead of torch
+    ("shared experts of another width", lambda t: pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16), shared_experts=nn.Linear(D + 1, D))(x()), ValueError, ("shared_experts", f"[N, {D}]", "failed on an input")),
+    ("shared experts output width", lambda t: pm.MoELayer(D, topk(), pm.MLPExperts(E, D, 16), shared_experts=nn.Linear(D, D + 1))(x()), ValueError, ("shared_experts", f"(6, {D})", f"(6, {D + 1})")),
+    ("mod x of another dtype", lambda t: pm.MixtureOfDepths(nn.Identity(), D)(x(dtype=torch.float64)), TypeError, ("x", "torch.float32", "torch.float64")),
+    ("backend assigned later", lambda t: (lambda e: (setattr(e, "backend", "cuda_kernels"), e(x(5, D), torch.tensor([1, 1, 1, 2]))))(pm.SwiGLUExperts(E, D, 16)), ValueError, ("backend", "'loop'", "'cuda_kernels'")),
+    ("lm targets out of vocab", lambda t: lm()(torch.zeros(1, 3, dtype=torch.long), targets=torch.tensor([[1, 50, -100]])), ValueError, ("targets", "[0, 49]", "50")),
+    ("lm float targets", lambda t: lm()(torch.zeros(1, 3, dtype=torch.long), targets=torch.zeros(1, 3)), TypeError, ("targets", "int64", "torch.float32")),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),

@@ -57,3 +57,13 @@ def test_soft_moe_padding_gets_no_dispatch_weight():
     y = layer(x, mask)
     assert torch.isfinite(y).all() and torch.equal(y[mask == 0], torch.zeros(8, DIM))
     torch.testing.assert_close(y[0, :4], layer(x[:1, :4])[0])
+
+
+def test_soft_moe_on_an_empty_batch_returns_an_empty_output():
+    soft = pm.SoftMoE(DIM, 4, 2, pm.MLPExperts(4, DIM, 8))
+    for shape in ((0, 5, DIM), (2, 0, DIM), (0, DIM)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = soft(x)
+        assert y.shape == x.shape
+        y.sum().backward()  # the graph stays connected
+        assert float(soft.aux_loss) == 0.0

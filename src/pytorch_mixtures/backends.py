@@ -108,6 +108,7 @@ def resolve_backend(
     backend: Backend, x_SD: Tensor, max_rows_per_expert: int | None, weight_dtype: torch.dtype
 ) -> ConcreteBackend:
     """The concrete backend for one call (``"auto"`` resolved; explicit choices checked)."""
+    check_backend(backend)  # also a name assigned to ``experts.backend`` after construction
     dtype = compute_dtype(x_SD) if x_SD.is_floating_point() else weight_dtype
     compiling = _is_compiling()
     has_grouped_mm = grouped_mm_available(x_SD.device, dtype, compiling=compiling)

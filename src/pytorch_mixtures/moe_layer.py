@@ -268,7 +268,21 @@ class MoELayer(AuxLossModule):
 
     def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:
         assert self.shared_experts is not None
-        shared_ND: Tensor = self.shared_experts(x_ND)
+        try:
+            shared_ND: Tensor = self.shared_experts(x_ND)
+        except RuntimeError as err:  # typically a module built for another width or dtype
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            raise ValueError(
+                f"shared_experts: expected a module mapping [N, {self.dim}] -> [N, {self.dim}] "
+                f"of this layer's dtype, but it failed on an input of shape "
+                f"{tuple(x_ND.shape)} ({x_ND.dtype}): {err}"
+            ) from err
+        if not isinstance(shared_ND, Tensor) or shared_ND.shape != x_ND.shape:
+            got = tuple(shared_ND.shape) if isinstance(shared_ND, Tensor) else type(shared_ND)
+            raise ValueError(
+                f"shared_experts: expected an output of shape {tuple(x_ND.shape)}, got {got}"
+            )
         if self.shared_expert_gate is not None:
             shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
         if mask_BT is not None:

@@ -108,6 +108,9 @@ class SoftMoE(AuxLossModule):
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``x`` ``[B, T, D]`` or ``[T, D]``; ``attention_mask`` of shape ``x.shape[:-1]``."""
         x_BTD, mask_BT = self._check(x, attention_mask)
+        if x.numel() == 0:  # an empty batch (or empty sequences): an empty output, no slots
+            self._set_aux(torch.zeros((), device=x.device), {})
+            return x * 0
         batch, _, dim = x_BTD.shape
         num_experts, slots = self.num_experts, self.slots_per_expert
         dispatch_BTP, combine_BTP = self.routing_weights(x, attention_mask)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..checks import (
     check_features,
+    check_input_matches,
     check_int,
     check_mask,
     check_nonnegative_float,
@@ -428,6 +429,7 @@ class MixtureOfDepths(AuxLossModule):
         self, x: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None
     ) -> Tensor | None:
         check_features(x, self.dim, (3,), f"[B, T, {self.dim}]")
+        check_input_matches(x, self)  # the router's (and the block's) device and dtype
         check_shape("position_ids", position_ids, tuple(x.shape[:2]))
         return check_mask(attention_mask, x, (tuple(x.shape[:2]),))
 

@@ -459,6 +459,15 @@ def _check_lm_inputs(
             raise ValueError(
                 f"idx: expected token ids in [0, {vocab_size - 1}], got values in [{low}, {high}]"
             )
+    if targets is not None and targets.numel() and not torch.compiler.is_compiling():
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise TypeError(f"targets: expected an int64 tensor, got {targets.dtype}")
+        real = targets[targets != -100]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+            raise ValueError(
+                f"targets: expected token ids in [0, {vocab_size - 1}] or -100 (ignored), got "
+                f"values in [{int(real.min())}, {int(real.max())}]"
+            )
 
 
 def _sample(
