@@ -592,14 +592,17 @@ def test_readme_mixture_of_depths_example_runs():
     assert isinstance(mod, pm.MixtureOfDepths) and mod.stats.causal
 
 
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph breaks", "fullgraph"])
 @pytest.mark.parametrize("causal_router", ["predictor", "router_bce"])
-def test_torch_compile_matches_eager_in_training_and_eval(causal_router):
-    """torch.compile (graph breaks allowed: MoD syncs once per forward) equals eager."""
+def test_torch_compile_matches_eager_in_training_and_eval(causal_router, fullgraph):
+    """torch.compile equals eager: with graph breaks (eager MoD syncs once per forward for the
+    gathered width) and fullgraph (compiled, the width is a static bound: ceil(c * T) for
+    top-k, T for causal decisions)."""
     torch.manual_seed(0)
     dim = 32
     block = Block(ModelConfig(dim=dim, num_heads=4, ffn_hidden=64), layer=0)
     mod = pm.MixtureOfDepths(block, dim, capacity=0.25, causal_router=causal_router)
-    compiled = torch.compile(mod, backend="aot_eager")
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=fullgraph)
     x = torch.randn(2, 16, dim, requires_grad=True)
     for training in (True, False):
         mod.train(training)

@@ -497,3 +497,23 @@ def test_gradient_accumulation_bias_update_counts_every_micro_batch_once():
         router.expert_bias, bias_before + 0.01 * torch.sign(mean - expected_loads.float())
     )
     assert router.pending_loads is None  # reset for the next optimizer step
+
+
+def test_fullgraph_compile_of_hash_routing_and_check_finite():
+    """torch.compile(fullgraph=True) of a hash-routed layer and of a check_finite layer equals
+    eager; under compile check_finite still stops a NaN input (a device assert, no sync)."""
+    torch.manual_seed(0)
+    dim = 8
+    hashed = pm.MoELayer(dim, pm.HashRouter(dim, 4, vocab_size=50), pm.SwiGLUExperts(4, dim, 16))
+    checked = pm.MoELayer(
+        dim, pm.TopKRouter(dim, 4, 2), pm.SwiGLUExperts(4, dim, 16), check_finite=True
+    )
+    x, ids = torch.randn(2, 5, dim), torch.randint(0, 50, (2, 5))
+    compiled_hash = torch.compile(hashed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled_hash(x, token_ids=ids), hashed(x, token_ids=ids))
+    compiled_checked = torch.compile(checked, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled_checked(x), checked(x))
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite input x"):
+        compiled_checked(bad)

@@ -195,6 +195,10 @@ def check_token_ids(
             f"dimensions), got {tuple(token_ids.shape)}"
         )
     ids_N = token_ids.reshape(-1).long()
+    if vocab_size is not None and torch.compiler.is_compiling():  # no host sync in a graph
+        in_range = ((ids_N >= 0) & (ids_N < vocab_size)).all()
+        torch._assert_async(in_range, f"token_ids: expected ids in [0, {vocab_size})")
+        return ids_N
     if vocab_size is not None and ids_N.numel() and (ids_N.min() < 0 or ids_N.max() >= vocab_size):
         raise ValueError(
             f"token_ids: expected ids in [0, {vocab_size}), "
@@ -246,8 +250,13 @@ def layer_label(module: nn.Module) -> str:
 def raise_if_nonfinite(module: nn.Module, what: str, tensor: Tensor) -> None:
     """Raise ``FloatingPointError`` naming ``module`` if ``tensor`` ``[..., D]`` holds NaN/inf.
 
-    One host sync; used by layers built with ``check_finite=True``.
+    One host sync; used by layers built with ``check_finite=True``. Under ``torch.compile``
+    an asynchronous device assert instead (no sync in the graph; a shorter message).
     """
+    if torch.compiler.is_compiling():
+        finite = torch.isfinite(tensor.detach()).all()
+        torch._assert_async(finite, f"{type(module).__name__}: non-finite {what} (NaN or inf)")
+        return
     bad_rows = ~torch.isfinite(tensor.detach()).reshape(-1, tensor.shape[-1]).all(dim=-1)
     count = int(bad_rows.sum())
     if count:

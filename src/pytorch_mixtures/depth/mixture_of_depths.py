@@ -305,10 +305,13 @@ class MixtureOfDepths(AuxLossModule):
     ) -> Tensor:
         """One token per row (decoding): what :meth:`_route` computes, without its sort, gather
         and scatter. A step no row selects costs only the router (and one host sync to know)."""
-        count = int(selected_B1.sum())  # the one host sync: whether the block runs at all
-        if count == 0:
-            return x_B1D
-        valid_B1 = None if no_padding and count == selected_B1.numel() else selected_B1
+        if torch.compiler.is_compiling():  # static shapes: the block always runs, masked
+            valid_B1: Tensor | None = selected_B1
+        else:
+            count = int(selected_B1.sum())  # the one host sync: whether the block runs at all
+            if count == 0:
+                return x_B1D
+            valid_B1 = None if no_padding and count == selected_B1.numel() else selected_B1
         x_sel_B1D = x_B1D if valid_B1 is None else torch.where(valid_B1[..., None], x_B1D, 0.0)
         y_B1D = self._run_block(x_sel_B1D, position_ids, valid_B1, **block_kwargs).to(x_B1D.dtype)
         if valid_B1 is not None:
@@ -318,6 +321,14 @@ class MixtureOfDepths(AuxLossModule):
         return (
             update_B1D if valid_B1 is None else torch.where(valid_B1[..., None], update_B1D, x_B1D)
         )
+
+    def _slot_bound(self, seq_len: int) -> int:
+        """A static bound on the tokens any row selects: ``ceil(c * T)`` for top-k routing, all
+        ``T`` for per-token causal decisions."""
+        if self.uses_causal_decisions:
+            return seq_len
+        p, q = self._capacity_ratio
+        return min(seq_len, (seq_len * p + q - 1) // q)
 
     def _topk_membership(self, r_BT: Tensor, real_BT: Tensor, num_real_B: Tensor) -> Tensor:
         """Per row, the top ``ceil(c * n_real)`` real tokens by score; ties to the lower index."""
@@ -361,10 +372,16 @@ class MixtureOfDepths(AuxLossModule):
         count_B = selected_BT.sum(-1)
         if count_B.numel() == 0:
             return x
-        # the one host sync: the gathered width is a shape
-        num_slots, fewest = (int(v) for v in torch.stack([count_B.max(), count_B.min()]).tolist())
-        if num_slots == 0:
-            return x  # nothing to process: the block is not called (a KV cache does not grow)
+        fewest: int | None = None
+        if torch.compiler.is_compiling():
+            # static shapes (fullgraph): a bound on every row's count, not the counts' maximum
+            num_slots = self._slot_bound(x.shape[1])
+        else:
+            # the one host sync: the gathered width is a shape
+            stats = torch.stack([count_B.max(), count_B.min()]).tolist()
+            num_slots, fewest = int(stats[0]), int(stats[1])
+            if num_slots == 0:
+                return x  # nothing to process: the block is not called (a KV cache does not grow)
         # selected tokens first, each group in original order (stable sort on "not selected")
         order_BT = torch.argsort((~selected_BT).to(torch.uint8), dim=-1, stable=True)
         idx_BK = order_BT[:, :num_slots]
@@ -382,7 +399,7 @@ class MixtureOfDepths(AuxLossModule):
         all_valid = no_padding and fewest == num_slots
         rows_R = None
         per_row_state = self.block_kwargs_hold_state(block_kwargs)  # e.g. a KV cache
-        if not per_row_state and fewest == 0:
+        if not per_row_state and fewest == 0:  # (unknown under compile: all rows run)
             # a row with nothing to process skips the block entirely: a naive attention block
             # would give its all-masked softmax NaN, and NaN * 0 reaches the gradients
             rows_R = (count_B > 0).nonzero().squeeze(-1)
