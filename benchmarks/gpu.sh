@@ -107,3 +107,7 @@ for config in mixtral fine-xl; do
   "$PYTHON" -m pytorch_mixtures.app.cli bench --config "$config" --device cuda --dtype bfloat16 \
     --threads 1 --repeats 10 --warmup 3 "$@"
 done
+
+# inference: decode-shaped layer calls (1 / 8 / 64 tokens) and generate() (batch 1 / 8 / 64)
+"$PYTHON" -m pytorch_mixtures.app.cli bench --decode --device cuda --dtype bfloat16 \
+  --threads 1 --repeats 10 "$@"

@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -437,19 +438,73 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An option type: an integer >= ``minimum``, else "expected ..., got '<text>'"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device_option(text: str) -> str:
+    """``--device``: ``cpu`` or an available ``cuda[:N]``."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected cpu (CUDA is not available), got {text!r}")
+    return text
+
+
+def _candidate_name(text: str) -> str:
+    """``--only``: a name :func:`build_candidates` knows (built or skipped here)."""
+    makers, skipped = build_candidates(CONFIGS["std"])
+    known = [*makers, *skipped]
+    if text not in known:
+        raise argparse.ArgumentTypeError(
+            f"expected candidate names among {', '.join(map(repr, known))}, got {text!r}"
+        )
+    return text
+
+
+def _json_file(text: str) -> str:
+    """``--json``: a file to write, in an existing folder (checked before the benchmark runs)."""
+    path = Path(text)
+    if path.is_dir() or not path.parent.is_dir():
+        what = "a folder" if path.is_dir() else "a file in a missing folder"
+        raise argparse.ArgumentTypeError(
+            f"expected a file to write in an existing folder, got {what} {text!r}"
+        )
+    return text
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pytorch-mixtures bench`` and ``benchmarks/moe_layer.py``."""
     parser.add_argument(
         "--config", choices=[*CONFIGS, "all"], default="std", help="all = std and fine"
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--json", type=_json_file, metavar="FILE", help="also write the results as JSON"
+    )
+    parser.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions")
+    parser.add_argument("--warmup", type=_count(0), default=1, help="untimed repetitions first")
+    parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=_device_option, default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="restrict the candidates")
+    parser.add_argument(
+        "--only", type=_candidate_name, nargs="+", metavar="NAME", help="restrict the candidates"
+    )
     parser.add_argument(
         "--decode",
         action="store_true",
@@ -495,23 +550,32 @@ def _run_decode_cli(args: argparse.Namespace) -> int:
     from . import decode_bench
 
     torch.set_num_threads(args.threads)
+    where = decode_bench.Where(args.device, getattr(torch, args.dtype))
+    batches = (1, 8, 64) if args.device.startswith("cuda") else (1, 8)
     print(
-        f"torch {torch.__version__}, cpu, float32, threads {args.threads}, repeats {args.repeats}"
+        f"torch {torch.__version__}, {args.device}, {args.dtype}, threads {args.threads}, "
+        f"repeats {args.repeats}"
     )
     tables: dict[str, list[decode_bench.Row]] = {"layer": [], "generate": [], "train step": []}
     for name in args.sizes:
         size = decode_bench.SIZES[name]
-        tables["layer"] += decode_bench.layer_table(size, repeats=args.repeats)
-        tables["generate"] += decode_bench.generate_table(size, repeats=args.repeats)
-        tables["train step"] += decode_bench.train_table(size, repeats=args.repeats)
+        tables["layer"] += decode_bench.layer_table(
+            size, repeats=args.repeats, where=where, tokens=batches
+        )
+        tables["generate"] += decode_bench.generate_table(
+            size, repeats=args.repeats, where=where, batches=batches
+        )
+        if where == decode_bench.CPU:  # (the training step is a CPU table)
+            tables["train step"] += decode_bench.train_table(size, repeats=args.repeats)
     titles = {
         "layer": "one layer, eval, no grad: time / dense SwiGLU of width k*H (x), microseconds",
         "generate": "generate() with the KV cache: time per token / dense (x), tokens/s",
         "train step": "training step (forward, backward, AdamW): time / dense (x), milliseconds",
     }
     for key, rows in tables.items():
-        print()
-        print(decode_bench.format_rows(titles[key], rows), flush=True)
+        if rows:
+            print()
+            print(decode_bench.format_rows(titles[key], rows), flush=True)
     if args.json:
         payload = {key: [list(row) for row in rows] for key, rows in tables.items()}
         with open(args.json, "w") as out:

@@ -32,9 +32,11 @@ from .. import MoELayer, SwiGLUExperts, TopKRouter, calibrate_thresholds
 from ..models import ModelConfig, SwiGLU, TransformerLM
 
 __all__ = [
+    "CPU",
     "SIZES",
     "DecodeSize",
     "Row",
+    "Where",
     "format_rows",
     "generate_table",
     "layer_table",
@@ -74,8 +76,28 @@ SIZES: dict[str, DecodeSize] = {
 Row = tuple[str, str, dict[str, float]]  # (size, what, column -> value)
 
 
+@dataclass(frozen=True)
+class Where:
+    """Device and dtype of a benchmark run (CPU float32 by default; ``benchmarks/gpu.sh`` runs
+    CUDA bf16)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+CPU = Where()
+
+
 def _interleaved(
-    fns: dict[str, Callable[[], object]], reference: str, repeats: int, inner: int
+    fns: dict[str, Callable[[], object]],
+    reference: str,
+    repeats: int,
+    inner: int,
+    where: Where = CPU,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median over repeats of (candidate time / reference time), and median seconds per call."""
     for fn in fns.values():  # warm-up
@@ -83,9 +105,11 @@ def _interleaved(
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            where.sync()
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
+            where.sync()
             seconds[name].append((time.perf_counter() - start) / inner)
     base = seconds[reference]
     ratios = {
@@ -114,7 +138,14 @@ def _hf_block(size: DecodeSize) -> nn.Module | None:
     return block.eval()
 
 
-def layer_table(size: DecodeSize, *, repeats: int, inner: int = 50) -> list[Row]:
+def layer_table(
+    size: DecodeSize,
+    *,
+    repeats: int,
+    inner: int = 50,
+    where: Where = CPU,
+    tokens: tuple[int, ...] = (1, 8),
+) -> list[Row]:
     """Decode-shaped calls of one layer (eval, no grad) against a dense SwiGLU."""
     torch.manual_seed(0)
     dim = size.dim
@@ -132,9 +163,14 @@ def layer_table(size: DecodeSize, *, repeats: int, inner: int = 50) -> list[Row]
     ).eval()
     full.load_state_dict(moe.state_dict())
     hf = _hf_block(size)
+    for module in (dense, moe, full, hf):
+        if module is not None:
+            module.to(device=where.device, dtype=where.dtype)
+            if isinstance(module, MoELayer):
+                module.router.float()  # router math is float32 by design
     rows: list[Row] = []
-    for tokens in (1, 8):
-        x = torch.randn(tokens, 1, dim)
+    for count in tokens:
+        x = torch.randn(count, 1, dim, device=where.device, dtype=where.dtype)
         fns: dict[str, Callable[[], object]] = {
             "dense": partial(dense, x),
             "moe": partial(moe, x),
@@ -143,34 +179,43 @@ def layer_table(size: DecodeSize, *, repeats: int, inner: int = 50) -> list[Row]
         if hf is not None:
             fns["hf mixtral"] = partial(hf, x)
         with torch.no_grad():
-            ratios, seconds = _interleaved(fns, "dense", repeats, inner)
+            ratios, seconds = _interleaved(fns, "dense", repeats, inner, where)
         values = {f"{name} x": ratio for name, ratio in ratios.items() if name != "dense"}
         values |= {f"{name} us": 1e6 * s for name, s in seconds.items()}
-        rows.append((size.name, f"layer, {tokens} token{'s' if tokens > 1 else ''}", values))
+        rows.append((size.name, f"layer, {count} token{'s' if count > 1 else ''}", values))
     return rows
 
 
-def _lm(size: DecodeSize, kind: str) -> TransformerLM:
+def _lm(size: DecodeSize, kind: str, where: Where = CPU) -> TransformerLM:
     torch.manual_seed(0)
     model = TransformerLM(size.model_config(kind)).eval()
+    model.to(device=where.device, dtype=where.dtype)
     if kind == "mod":  # eval thresholds at the trained capacity (12.5%), as the demo sets them
-        windows = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(3)
+        windows = torch.randint(0, 256, (8, 128), generator=gen).to(where.device)
         calibrate_thresholds(model, lambda: model(windows))
     return model
 
 
 def generate_table(
-    size: DecodeSize, *, repeats: int, prompt: int = 32, new_tokens: int = 32
+    size: DecodeSize,
+    *,
+    repeats: int,
+    prompt: int = 32,
+    new_tokens: int = 32,
+    where: Where = CPU,
+    batches: tuple[int, ...] = (1, 8),
 ) -> list[Row]:
-    """Time per generated token with the KV cache, MoE and MoD against dense, batch 1 and 8."""
-    models = {kind: _lm(size, kind) for kind in ("dense", "moe", "mod")}
+    """Time per generated token with the KV cache, MoE and MoD against dense, per batch."""
+    models = {kind: _lm(size, kind, where) for kind in ("dense", "moe", "mod")}
     rows: list[Row] = []
-    for batch in (1, 8):
-        idx = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    for batch in batches:
+        gen = torch.Generator().manual_seed(1)
+        idx = torch.randint(0, 256, (batch, prompt), generator=gen).to(where.device)
         fns: dict[str, Callable[[], object]] = {
             kind: partial(model.generate, idx, new_tokens) for kind, model in models.items()
         }
-        ratios, seconds = _interleaved(fns, "dense", repeats, 1)
+        ratios, seconds = _interleaved(fns, "dense", repeats, 1, where)
         values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
         values |= {f"{kind} tok/s": batch * new_tokens / seconds[kind] for kind in models}
         rows.append((size.name, f"generate, batch {batch}", values))
