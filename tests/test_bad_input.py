@@ -125,6 +125,13 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("backend assigned later", lambda t: (lambda e: (setattr(e, "backend", "cuda_kernels"), e(x(5, D), torch.tensor([1, 1, 1, 2]))))(pm.SwiGLUExperts(E, D, 16)), ValueError, ("backend", "'loop'", "'cuda_kernels'")),
     ("lm targets out of vocab", lambda t: lm()(torch.zeros(1, 3, dtype=torch.long), targets=torch.tensor([[1, 50, -100]])), ValueError, ("targets", "[0, 49]", "50")),
     ("lm float targets", lambda t: lm()(torch.zeros(1, 3, dtype=torch.long), targets=torch.zeros(1, 3)), TypeError, ("targets", "int64", "torch.float32")),
+    # --- found by the misuse fuzz (silently wrong before)
+    ("experts negative count", lambda t: pm.MLPExperts(E, D, 16)(x(5, D), torch.tensor([6, -1, 0, 0])), ValueError, ("tokens_per_expert", ">= 0", "-1")),
+    ("balance loss additive mask", lambda t: pm.losses.load_balancing_loss(torch.randn(6, E), E, 2, attention_mask=torch.tensor([[0.0, float("-inf"), 0.0]] * 2)), ValueError, ("attention_mask", "0/1", "-inf")),
+    ("lm additive mask", lambda t: lm()(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0.0, 0.0, float("-inf")]] * 2)), ValueError, ("attention_mask", "0/1", "-inf")),
+    ("plot to a directory", lambda t: pm.plot_expert_load([{"l": {"tokens_per_expert": [1, 2]}}], t), ValueError, ("path", ".png", "directory")),
+    ("plot without extension", lambda t: pm.plot_expert_load([{"l": {"tokens_per_expert": [1, 2]}}], t / "load"), ValueError, ("path", ".png", "load")),
+    ("plot history str", lambda t: pm.plot_expert_load("abc", t / "load.png"), TypeError, ("history", "list", "dicts")),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),

@@ -67,3 +67,16 @@ def test_soft_moe_on_an_empty_batch_returns_an_empty_output():
         assert y.shape == x.shape
         y.sum().backward()  # the graph stays connected
         assert float(soft.aux_loss) == 0.0
+
+
+def test_nan_in_padding_never_reaches_real_tokens():
+    torch.manual_seed(4)
+    soft = pm.SoftMoE(DIM, 4, 2, pm.MLPExperts(4, DIM, 8))
+    x = torch.randn(2, 5, DIM)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    clean = soft(x, attention_mask=mask)
+    poisoned = x.clone()
+    poisoned[0, 3:] = float("nan")
+    got = soft(poisoned, attention_mask=mask)
+    torch.testing.assert_close(got, clean)  # the padding rows are zero in both

@@ -31,6 +31,7 @@ __all__ = [
     "check_input_matches",
     "check_int",
     "check_mask",
+    "check_mask_values",
     "check_nonnegative_float",
     "check_shape",
     "check_token_ids",
@@ -145,18 +146,23 @@ def check_mask(
             f"attention_mask: expected a tensor on {x.device} (as x), "
             f"got one on {attention_mask.device}"
         )
-    if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling():
-        # one reduction (and a host sync) for non-bool masks: an additive mask (0 / -inf),
-        # 2, -1 or NaN must not be read as "real token"
-        bad = (attention_mask != 0) & (attention_mask != 1)
-        if bool(bad.any()):
-            value = attention_mask[bad][0].item()
-            raise ValueError(
-                "attention_mask: expected bool or 0/1 values (1 = token, 0 = padding), got "
-                f"{value!r}; an additive mask (0 = keep, -inf = padding) converts with "
-                "`attention_mask == 0`"
-            )
+    check_mask_values(attention_mask)
     return attention_mask.bool()
+
+
+def check_mask_values(attention_mask: Tensor) -> None:
+    """A non-bool mask must hold only 0 and 1: an additive mask (0 / -inf), 2, -1 or NaN must
+    not be read as "real token". One reduction (and a host sync); skipped under compile."""
+    if attention_mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        value = attention_mask[bad][0].item()
+        raise ValueError(
+            "attention_mask: expected bool or 0/1 values (1 = token, 0 = padding), got "
+            f"{value!r}; an additive mask (0 = keep, -inf = padding) converts with "
+            "`attention_mask == 0`"
+        )
 
 
 def check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor | None:

@@ -115,6 +115,10 @@ class ExpertsBase(nn.Module):
                 f"tokens_per_expert: expected shape ({self.num_experts},), "
                 f"got {tuple(tokens_per_expert_E.shape)}"
             )
+        if not torch.compiler.is_compiling() and bool((tokens_per_expert_E < 0).any()):
+            raise ValueError(
+                f"tokens_per_expert: expected counts >= 0, got {tokens_per_expert_E.tolist()}"
+            )
 
     def forward(
         self,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int
+from .checks import check_int, check_mask_values
 
 __all__ = [
     "AuxLossModule",
@@ -68,6 +68,7 @@ def _token_mask(attention_mask: Tensor | None, num_rows: int) -> Tensor | None:
     """
     if attention_mask is None:
         return None
+    check_mask_values(attention_mask)
     mask = attention_mask.reshape(-1).bool()
     if mask.numel() == 0 or num_rows % mask.numel() != 0:
         raise ValueError(

@@ -114,6 +114,8 @@ class SoftMoE(AuxLossModule):
         batch, _, dim = x_BTD.shape
         num_experts, slots = self.num_experts, self.slots_per_expert
         dispatch_BTP, combine_BTP = self.routing_weights(x, attention_mask)
+        if mask_BT is not None:  # where, not the zero weight: 0 * NaN in padding would leak
+            x_BTD = torch.where(mask_BT.unsqueeze(-1), x_BTD, 0.0)
         slots_in_BPD = dispatch_BTP.to(x.dtype).transpose(1, 2) @ x_BTD
         # expert-major rows: expert e's S slots of every sequence are contiguous
         rows_EBSD = slots_in_BPD.view(batch, num_experts, slots, dim).transpose(0, 1)

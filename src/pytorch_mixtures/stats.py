@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -234,6 +235,18 @@ def plot_expert_load(
         raise ImportError(
             "plot_expert_load needs matplotlib: pip install 'pytorch-mixtures[cli]'"
         ) from error
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    target = Path(path)
+    if target.is_dir() or target.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise ValueError(
+            f"path: expected an image file name ending in .png, .svg, .pdf or .jpg, got "
+            f"{str(target)!r}{' (a directory)' if target.is_dir() else ''}"
+        )
+    if not target.parent.is_dir():
+        raise ValueError(f"path: expected a file in an existing folder, got {str(target)!r}")
+    if not isinstance(history, Sequence) or not all(isinstance(t, dict) for t in history):
+        raise TypeError("history: expected a list of routing_stats tables (dicts)")
     if not history:
         raise ValueError("history: expected at least one routing_stats table, got none")
     if steps is not None and len(steps) != len(history):

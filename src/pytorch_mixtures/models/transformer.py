@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int, name_layers
+from ..checks import check_int, check_mask_values, name_layers
 from ..depth import CausalRouterName, GateName, MixtureOfDepths
 from ..experts import SwiGLUExperts
 from ..moe_layer import MoELayer
@@ -453,6 +453,8 @@ def _check_lm_inputs(
             raise ValueError(
                 f"{name}: expected shape {tuple(idx.shape)} (as idx), got {tuple(value.shape)}"
             )
+    if attention_mask is not None:
+        check_mask_values(attention_mask)
     if idx.numel() and not torch.compiler.is_compiling():
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= vocab_size:
