@@ -210,6 +210,94 @@ def equivalence_suite(rank: int, world: int) -> None:
             raise AssertionError(f"[{cfg['name']}, world {world}] {error}") from error
 
 
+def _empty_ranks(world: int) -> set[int]:
+    return {1} if world == 2 else {1, 3}
+
+
+def _empty_input(cfg: dict[str, Any]) -> Tensor:
+    return torch.zeros((0, 5, DIM) if cfg["empty"] == "batch" else (2, 0, DIM))
+
+
+def check_empty_rank(rank: int, world: int, cfg: dict[str, Any]) -> None:
+    """Ranks with an empty input join the exchanges: the others' results are unchanged."""
+    empty_ranks = _empty_ranks(world)
+    reference = make_layer(cfg, world)
+    layer = pm.distributed.expert_parallel(copy.deepcopy(reference))
+    assert isinstance(layer, pm.MoELayer)
+    assert isinstance(layer.experts, pm.distributed.ExpertParallelExperts)
+    if cfg.get("eval"):
+        layer.eval()
+        reference.eval()
+    empty = rank in empty_ranks
+    if empty:
+        x = _empty_input(cfg)
+        grad_out = torch.zeros_like(x)
+    else:
+        x, _, grad_out = make_batch(cfg, rank)
+    x.requires_grad_(True)
+    if cfg.get("eval"):
+        with torch.no_grad():  # inference: the exchanges pair up without autograd too
+            y_inference = layer(x)
+    y = layer(x) if cfg.get("kwarg") is None else layer(x=x)
+    (y * grad_out).sum().backward()
+    assert x.grad is not None
+    if empty:
+        assert y.shape == x.shape and y.numel() == 0 and y.dtype == x.dtype, y.shape
+        assert x.grad.shape == x.shape
+        for name, grad in _grads(layer.router).items():  # tied in: DDP sees every parameter
+            assert layer.router.get_parameter(name).grad is not None, name
+            assert not grad.any(), name
+
+    ref_expert_grads: dict[str, Tensor] = {}
+    for src in range(world):
+        if src in empty_ranks:
+            continue
+        reference.zero_grad(set_to_none=True)
+        x_ref, _, grad_ref = make_batch(cfg, src)
+        x_ref.requires_grad_(True)
+        y_ref = reference(x_ref)
+        (y_ref * grad_ref).sum().backward()
+        for key, grad in _expert_grads_global(reference).items():
+            ref_expert_grads[key] = ref_expert_grads.get(key, 0) + grad
+        if src == rank:
+            _close("output", y, y_ref)
+            if cfg.get("eval"):
+                _close("inference output", y_inference, y_ref.detach())
+            assert x_ref.grad is not None
+            _close("input grad", x.grad, x_ref.grad)
+            for name, grad in _grads(reference.router).items():
+                _close(f"router grad {name}", _grads(layer.router)[name], grad)
+
+    want = _slice_reference(ref_expert_grads, layer.experts)
+    got = _local_expert_grads_as_global(layer)
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        _close(f"expert grad {key}", got[key], want[key])
+
+
+EMPTY_RANK_CONFIGS: list[dict[str, Any]] = [
+    {"name": "train, empty batch", "empty": "batch"},
+    {"name": "train, empty sequence, swiglu", "empty": "seq", "experts": "swiglu"},
+    {
+        "name": "train, empty batch, capacity, module list",
+        "empty": "batch",
+        "capacity_factor": 1.0,
+        "experts": "list",
+    },
+    {"name": "train, x as a keyword", "empty": "seq", "kwarg": True},
+    {"name": "eval, empty batch", "empty": "batch", "eval": True},
+    {"name": "eval, empty sequence, top1", "empty": "seq", "eval": True, "top_k": 1},
+]
+
+
+def empty_rank_suite(rank: int, world: int) -> None:
+    for cfg in EMPTY_RANK_CONFIGS:
+        try:
+            check_empty_rank(rank, world, cfg)
+        except AssertionError as error:
+            raise AssertionError(f"[{cfg['name']}, world {world}] {error}") from error
+
+
 class TinyNet(nn.Module):
     """A dense projection, a residual MoE layer, and an output projection."""
 
@@ -288,6 +376,110 @@ def check_data_parallel(rank: int, world: int, mode: str) -> None:
     ref_optim.step()
     with torch.no_grad():
         _close(f"{mode} loss after a step", _net_loss(model, rank), _net_loss(ref, rank))
+
+
+def _mod_over_moe(world: int) -> pm.MixtureOfDepths:
+    layer = make_layer({}, world)
+    torch.manual_seed(2)
+    return pm.MixtureOfDepths(layer, DIM, capacity=0.5, threshold=0.0)
+
+
+def check_mod_selects_nothing(rank: int, world: int) -> None:
+    """Eval MoD (causal predictor) over an expert-parallel MoE: ranks whose predictor selects
+    no token skip the block, yet join its exchanges; the others match one process."""
+    empty_ranks = _empty_ranks(world)
+    reference = _mod_over_moe(world).eval()
+    mod = _mod_over_moe(world).eval()
+    pm.distributed.expert_parallel(mod)
+    if rank in empty_ranks:
+        assert mod.predictor is not None
+        with torch.no_grad():
+            mod.predictor[-1].bias.fill_(-1e4)  # sigmoid 0: no token passes the threshold
+    x, _, grad_out = make_batch({}, rank)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        y_inference = mod(x)
+    y = mod(x)
+    (y * grad_out).sum().backward()
+    assert x.grad is not None
+    if rank in empty_ranks:
+        assert mod.stats is not None and int(mod.stats.processed_tokens) == 0, mod.stats
+        assert torch.equal(y, x) and torch.equal(y_inference, x)
+        _close("input grad", x.grad, grad_out)
+    expert_grads: dict[str, Tensor] = {}
+    for src in range(world):
+        if src in empty_ranks:
+            continue
+        reference.zero_grad(set_to_none=True)
+        x_ref, _, grad_ref = make_batch({}, src)
+        x_ref.requires_grad_(True)
+        y_ref = reference(x_ref)
+        (y_ref * grad_ref).sum().backward()
+        for key, grad in _grads(reference.block.experts).items():
+            expert_grads[f"experts.{key}"] = expert_grads.get(f"experts.{key}", 0) + grad
+        if src == rank:
+            assert reference.stats is not None and int(reference.stats.processed_tokens) > 0
+            _close("output", y, y_ref)
+            _close("inference output", y_inference, y_ref.detach())
+            assert x_ref.grad is not None
+            _close("input grad", x.grad, x_ref.grad)
+    layer = mod.block
+    assert isinstance(layer, pm.MoELayer)
+    assert isinstance(layer.experts, pm.distributed.ExpertParallelExperts)
+    want = _slice_reference(expert_grads, layer.experts)
+    got = _local_expert_grads_as_global(layer)
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        _close(f"expert grad {key}", got[key], want[key])
+
+
+class TwoMoENet(nn.Module):
+    """Two residual MoE layers between dense projections (backward crosses two exchanges)."""
+
+    def __init__(self, world: int) -> None:
+        super().__init__()
+        self.moe1 = make_layer({}, world)
+        self.moe2 = make_layer({"experts": "swiglu"}, world)
+        torch.manual_seed(1)
+        self.inp, self.out = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        h = h + self.moe1(h)
+        return self.out(h + self.moe2(h))
+
+
+def _empty_net_loss(model: nn.Module, rank: int, empty_ranks: set[int]) -> Tensor:
+    gen = torch.Generator().manual_seed(3000 + rank)
+    x = torch.randn(0 if rank in empty_ranks else 2, 6, DIM, generator=gen)
+    target = torch.randn(x.shape, generator=gen)
+    # a sum, not a mean: an empty rank's loss is 0 (a mean would be NaN)
+    return (model(x) - target).square().sum() + pm.aux_loss(model)
+
+
+def check_empty_rank_ddp(rank: int, world: int) -> None:
+    """DDP + expert parallel with empty ranks == one process on the non-empty ranks' batches."""
+    empty_ranks = _empty_ranks(world)
+    ref = TwoMoENet(world)
+    ref_loss = sum(_empty_net_loss(ref, src, empty_ranks) for src in range(world)) / world
+    assert isinstance(ref_loss, Tensor)
+    ref_loss.backward()
+    ref_grads = _grads(ref)
+
+    net = pm.distributed.expert_parallel(TwoMoENet(world))
+    assert isinstance(net, TwoMoENet)
+    model = pm.distributed.ddp(net)
+    _empty_net_loss(model, rank, empty_ranks).backward()
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+        if ".experts.local." in name:
+            ep = net.get_submodule(name.split(".")[0]).experts
+            assert isinstance(ep, pm.distributed.ExpertParallelExperts)
+            key = name.replace(".experts.local.", ".experts.")
+            want = ref_grads[key][ep.first_expert : ep.first_expert + ep.num_local_experts]
+        else:
+            want = ref_grads[name]
+        _close(f"ddp grad {name}", param.grad, want)
 
 
 CKPT_EXPERTS = 4  # divisible by 1, 2 and 4 ranks
@@ -386,10 +578,6 @@ def check_errors(rank: int, world: int) -> None:
         )
     with pytest.raises(ValueError, match="containing MoELayer"):
         pm.distributed.expert_parallel(nn.Linear(DIM, DIM))
-    # an empty batch fails loudly on every rank instead of hanging the peers in a collective
-    layer = pm.distributed.expert_parallel(make_layer({}, world))
-    with pytest.raises(ValueError, match="non-empty input"):
-        layer(torch.zeros(0, 4, DIM))
     with pytest.raises(TypeError, match="call expert_parallel first"):
         pm.distributed.expert_parallel(
             pm.distributed.fully_shard(pm.distributed.expert_parallel(make_net(world)))

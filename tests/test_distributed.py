@@ -46,6 +46,27 @@ def test_equivalence_world4(pool4: RankPool) -> None:
     pool4.run(w.equivalence_suite, timeout_s=120)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_empty_input_on_some_ranks(pool2: RankPool, pool4: RankPool, world: int) -> None:
+    """Ranks 1 (and 3) get [0, T, D] / [B, 0, D]: they join the all-to-alls, forward and
+    backward, train and eval, and return empty; the others' outputs and grads are unchanged."""
+    {2: pool2, 4: pool4}[world].run(w.empty_rank_suite, timeout_s=90)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_empty_input_under_ddp(pool2: RankPool, pool4: RankPool, world: int) -> None:
+    """Two expert-parallel layers under DDP with empty ranks: every grad equals one process's
+    (the empty ranks' routers get zero grads, so DDP's all-reduce pairs up)."""
+    {2: pool2, 4: pool4}[world].run(w.check_empty_rank_ddp, timeout_s=90)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mixture_of_depths_selecting_nothing(pool2: RankPool, pool4: RankPool, world: int) -> None:
+    """Eval MoD over an expert-parallel MoE where ranks 1 (and 3) select no token: the block is
+    skipped there, its exchanges are not; forward, backward and no-grad inference agree."""
+    {2: pool2, 4: pool4}[world].run(w.check_mod_selects_nothing, timeout_s=90)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_world2(pool2: RankPool, mode: str) -> None:
     """Expert grads scaled 1/W (not W x), non-expert grads averaged, one SGD step agrees."""

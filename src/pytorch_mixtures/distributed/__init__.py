@@ -38,8 +38,10 @@ Global numbers: :func:`global_routing_stats` all-reduces a layer's routing stati
 scale the replicated parameters differently on each rank).
 
 Requirements: every rank of the group calls each MoE layer the same number of times, in the same
-order, with a non-empty input (a rank may route zero tokens, e.g. all padding, but must call the
-layer), and all ranks run backward together; the layer's collectives otherwise wait forever.
+order, and all ranks run backward together; the layer's collectives otherwise wait forever. An
+empty input (a rank with no tokens, or a Mixture-of-Depths block that selected none, whose
+skipped expert-parallel layers then run on an empty slice) takes part with zero rows and
+returns an empty output.
 
 Modules: :mod:`~pytorch_mixtures.distributed.expert_parallel` (the all-to-all, the sharded
 experts, :func:`expert_parallel`), :mod:`~pytorch_mixtures.distributed.data_parallel` (DDP,

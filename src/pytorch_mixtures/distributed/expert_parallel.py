@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..depth.mixture_of_depths import MixtureOfDepths
 from ..experts import ExpertsBase, ModuleListExperts
 from ..moe_layer import MoELayer
 
@@ -305,6 +306,10 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     model and before wrapping it with :func:`ddp` / :func:`fully_shard` or creating the
     optimizer (the expert parameters are replaced).
 
+    A rank whose input to a layer is empty (``[0, T, D]``, ``[B, 0, D]``: e.g. Mixture-of-Depths
+    selected no token) still joins that layer's exchanges with zero rows, forward and
+    backward, and gets an empty output; its peers' results are unchanged.
+
     Args:
         model: any module containing ``MoELayer`` s (or a ``MoELayer``).
         group: process group of the expert-parallel ranks (default: the world).
@@ -334,7 +339,13 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     for layer in layers:
         if not isinstance(layer.experts, ExpertParallelExperts):
             layer.experts = ExpertParallelExperts(layer.experts, group)
-            layer.register_forward_pre_hook(_refuse_empty_input)
+            layer.register_forward_pre_hook(_count_call)
+            layer.register_forward_hook(_exchange_empty_input, with_kwargs=True)
+    for module in model.modules():
+        if isinstance(module, MixtureOfDepths) and not getattr(module, "_ep_hooked", False):
+            module.register_forward_pre_hook(_note_calls)
+            module.register_forward_hook(_run_skipped_layers)
+            module.__dict__["_ep_hooked"] = True
     return model
 
 
@@ -344,16 +355,84 @@ def _has_fsdp(model: nn.Module) -> bool:
     return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
 
 
-def _refuse_empty_input(layer: nn.Module, args: tuple[Any, ...]) -> None:
-    # an empty batch takes MoELayer's shortcut past the experts, so this rank would skip the
-    # all-to-alls its peers are waiting in: fail here, loudly, instead of hanging them
-    x = args[0] if args else None
-    if isinstance(x, Tensor) and x.numel() == 0:
-        raise ValueError(
-            f"x: an expert-parallel MoELayer needs a non-empty input on every rank (its peers "
-            f"wait for this rank in the all-to-all), got shape {tuple(x.shape)}; pad the batch "
-            "and pass attention_mask=0 for the padding instead"
-        )
+def _exchange_empty_input(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Tensor | None:
+    """Join the all-to-alls with zero rows when this rank's input is empty.
+
+    ``MoELayer`` returns an empty input's (empty) output without calling its experts, so this
+    rank would skip the exchanges its peers are waiting in. Here the experts run on ``[0, D]``
+    rows with zero counts instead: the same collectives as the peers' (counts, dispatch,
+    return), in training and in eval, and an output built from the returned rows, so backward
+    runs the reverse exchanges too. The layer's other parameters (router, shared experts) are
+    tied in with zero weight: they get zero gradients, as DDP expects of every rank.
+    """
+    x = args[0] if args else kwargs.get("x")
+    if not isinstance(x, Tensor) or x.numel() != 0 or not isinstance(layer, MoELayer):
+        return None
+    experts = layer.experts
+    if not isinstance(experts, ExpertParallelExperts):
+        return None
+    x_SD = x.reshape(0, experts.dim)  # a view of x: its gradient comes back through the exchange
+    counts_E = torch.zeros(experts.num_experts, dtype=torch.long, device=x.device)
+    y_SD: Tensor = experts(x_SD, counts_E)
+    y = y_SD.reshape(x.shape).to(x.dtype)
+    if torch.is_grad_enabled():
+        tied = [
+            p
+            for name, p in layer.named_parameters()
+            if p.requires_grad and not name.startswith("experts.")
+        ]
+        if tied:
+            y = y + torch.stack([p.sum().float() for p in tied]).sum().to(y.dtype) * 0
+    return y
+
+
+def _count_call(layer: nn.Module, args: tuple[Any, ...]) -> None:
+    layer.__dict__["_ep_calls"] = getattr(layer, "_ep_calls", 0) + 1
+
+
+def _inner_ep_layers(mod: nn.Module) -> list[MoELayer]:
+    return [
+        m
+        for m in mod.modules()
+        if isinstance(m, MoELayer) and isinstance(m.experts, ExpertParallelExperts)
+    ]
+
+
+def _note_calls(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    mod.__dict__["_ep_calls_before"] = [getattr(m, "_ep_calls", 0) for m in _inner_ep_layers(mod)]
+
+
+def _run_skipped_layers(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """A Mixture-of-Depths that selected no token skips its block (and so its expert-parallel
+    layers' exchanges, which the peers that did select tokens are waiting in): run each such
+    layer on an empty input instead, in module order, and tie its (empty) output to ours."""
+    before: list[int] = getattr(mod, "_ep_calls_before", [])
+    layers = _inner_ep_layers(mod)
+    skipped = [
+        layer
+        for layer, count in zip(layers, before, strict=False)
+        if getattr(layer, "_ep_calls", 0) == count
+    ]
+    if not skipped or not isinstance(output, Tensor):
+        return None
+    x = args[0] if args and isinstance(args[0], Tensor) else output
+    empties = []
+    for layer in skipped:
+        param = next((p for p in layer.parameters() if p.is_floating_point()), None)
+        dtype = x.dtype if param is None else param.dtype
+        if x.shape[-1] == layer.dim and x.dtype == dtype:
+            # zero rows of the input itself: the input's gradient then waits for the reverse
+            # exchanges, so they run in the same order as on the ranks that ran the block
+            x_0D = x.reshape(-1, layer.dim)[:0]
+        else:
+            x_0D = x.new_zeros((0, layer.dim), dtype=dtype)
+        empties.append(layer(x_0D).flatten())
+    # concatenating empty tensors changes no value (not even a zero's sign) yet connects the
+    # graph, so backward runs the skipped layers' reverse exchanges as well
+    flat = output.flatten()
+    return torch.cat([flat, *[e.to(flat.dtype) for e in empties]]).view(output.shape)
 
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
