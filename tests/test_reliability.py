@@ -517,3 +517,16 @@ def test_fullgraph_compile_of_hash_routing_and_check_finite():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite input x"):
         compiled_checked(bad)
+
+
+def test_check_finite_ignores_nan_in_padding():
+    """check_finite looks at real tokens only: NaN in a padding position (which the layer
+    ignores) is a legal input; NaN in a real token still raises, naming the layer."""
+    moe = pm.MoELayer(8, pm.TopKRouter(8, 4, 2), pm.SwiGLUExperts(4, 8, 16), check_finite=True)
+    x = torch.randn(2, 3, 8)
+    x[1, 2] = float("nan")
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    y = moe(x, attention_mask=mask)
+    assert torch.isfinite(y).all() and torch.equal(y[1, 2], torch.zeros(8))
+    with pytest.raises(FloatingPointError, match="non-finite input x: 1 of 6 tokens"):
+        moe(x)

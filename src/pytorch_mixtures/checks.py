@@ -253,17 +253,23 @@ def layer_label(module: nn.Module) -> str:
     return f"{type(module).__name__} at {id(module):#x} (name it with pm.checks.name_layers)"
 
 
-def raise_if_nonfinite(module: nn.Module, what: str, tensor: Tensor) -> None:
-    """Raise ``FloatingPointError`` naming ``module`` if ``tensor`` ``[..., D]`` holds NaN/inf.
+def raise_if_nonfinite(
+    module: nn.Module, what: str, tensor: Tensor, mask: Tensor | None = None
+) -> None:
+    """Raise ``FloatingPointError`` naming ``module`` if ``tensor`` ``[..., D]`` holds NaN/inf
+    in a real token (``mask``, bool of ``tensor.shape[:-1]``: padding rows are not checked).
 
     One host sync; used by layers built with ``check_finite=True``. Under ``torch.compile``
     an asynchronous device assert instead (no sync in the graph; a shorter message).
     """
-    if torch.compiler.is_compiling():
-        finite = torch.isfinite(tensor.detach()).all()
-        torch._assert_async(finite, f"{type(module).__name__}: non-finite {what} (NaN or inf)")
-        return
     bad_rows = ~torch.isfinite(tensor.detach()).reshape(-1, tensor.shape[-1]).all(dim=-1)
+    if mask is not None:
+        bad_rows = bad_rows & mask.reshape(-1)
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ~bad_rows.any(), f"{type(module).__name__}: non-finite {what} (NaN or inf)"
+        )
+        return
     count = int(bad_rows.sum())
     if count:
         first = int(bad_rows.nonzero()[0, 0])

@@ -33,7 +33,7 @@ from .backends import (
     group_rows,
     resolve_backend,
 )
-from .checks import check_int
+from .checks import check_flag, check_int
 from .kernels import group_bounds, segment_swiglu
 
 if TYPE_CHECKING:
@@ -241,6 +241,7 @@ class MLPExperts(ExpertsBase):
         self._act = _ACTIVATIONS[activation]
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        check_flag("bias", bias)
         self.b_in = nn.Parameter(torch.empty(num_experts, hidden_dim)) if bias else None
         self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
         self.reset_parameters()
@@ -455,7 +456,12 @@ def as_experts(experts: ExpertsBase | Iterable[nn.Module], dim: int) -> ExpertsB
     """Return ``experts`` as an :class:`ExpertsBase`, wrapping a list of modules if needed."""
     if isinstance(experts, ExpertsBase):
         return experts
-    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+    if isinstance(experts, nn.Sequential):  # a pipeline of layers (one MLP?), not a list
+        raise TypeError(
+            "experts: expected MLPExperts/SwiGLUExperts or a list of nn.Module (a Python list "
+            "or nn.ModuleList), got an nn.Sequential, which reads as one module chain"
+        )
+    if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
         raise TypeError(
             "experts: expected MLPExperts/SwiGLUExperts or a list of nn.Module, "
             f"got a single {type(experts).__name__}"

@@ -226,7 +226,7 @@ class MoELayer(AuxLossModule):
         mask = check_mask(attention_mask, x, (tuple(x.shape[:-1]),))
         check_input_matches(x, self.experts)
         if self.check_finite:
-            raise_if_nonfinite(self, "input x", x)
+            raise_if_nonfinite(self, "input x", x, mask)
         if x.numel() == 0:
             return self._empty_forward(x)
 
@@ -263,7 +263,7 @@ class MoELayer(AuxLossModule):
             y_ND = y_ND + self._shared_forward(x_ND, mask_BT)
         y = y_ND.reshape(x.shape).to(x.dtype)
         if self.check_finite:
-            raise_if_nonfinite(self, "output", y)
+            raise_if_nonfinite(self, "output", y, mask)
         return y
 
     def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_features, check_flag, check_int, check_mask
+from .checks import check_features, check_flag, check_input_matches, check_int, check_mask
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
 
@@ -108,6 +108,7 @@ class SoftMoE(AuxLossModule):
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``x`` ``[B, T, D]`` or ``[T, D]``; ``attention_mask`` of shape ``x.shape[:-1]``."""
         x_BTD, mask_BT = self._check(x, attention_mask)
+        check_input_matches(x, self)
         if x.numel() == 0:  # an empty batch (or empty sequences): an empty output, no slots
             self._set_aux(torch.zeros((), device=x.device), {})
             return x * 0

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,25 +206,39 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_losses(tmp_path, tex
     killed = tmp_path / "killed"
     rng = random.Random(0)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    kills = 0
-    for _ in range(6):
-        resume = ["--resume"] if checkpoint_dir(killed) is not None else []
-        proc = subprocess.Popen([*_train_cmd(text_file, killed, tiny, steps), *resume], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def latest_step() -> int:
         try:
-            proc.wait(timeout=rng.uniform(3.0, 4.5))  # the import takes ~3 s of it
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
-        break
-    else:  # still not finished: one last uninterrupted resume
-        finished = subprocess.run([*_train_cmd(text_file, killed, tiny, steps), "--resume"],
-                                  env=env, capture_output=True, text=True)  # fmt: skip
-        assert finished.returncode == 0, finished.stderr
-    assert kills >= 2  # the test did kill the run (more than once)
+            folder = checkpoint_dir(killed)
+        except ValueError:  # read while the writer replaced LATEST and removed the old folder
+            return -1
+        return -1 if folder is None else int(folder.name.split("-")[1])
+
+    def start() -> subprocess.Popen[bytes]:
+        resume = ["--resume"] if checkpoint_dir(killed) is not None else []
+        cmd = [*_train_cmd(text_file, killed, tiny, steps), *resume]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    kills = 0
+    for _ in range(5):
+        before, proc = latest_step(), start()
+        deadline = time.monotonic() + 120
+        # past the import: kill once this process has trained (and saved) at least one step,
+        # a random moment later (while it trains or while it writes the next checkpoint)
+        while proc.poll() is None and latest_step() == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    else:  # not finished yet: one last uninterrupted resume
+        proc = start()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    assert kills >= 3  # the test did kill the run, several times
     want, got = _history(reference), _history(killed)
     assert [h["step"] for h in got] == list(range(1, steps + 1))
     for a, b in zip(want, got, strict=True):

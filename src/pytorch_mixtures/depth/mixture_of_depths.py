@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..checks import (
     check_features,
+    check_flag,
     check_input_matches,
     check_int,
     check_mask,
@@ -185,7 +186,7 @@ class MixtureOfDepths(AuxLossModule):
         self.gate = gate
         self.causal_router = causal_router
         self.threshold = _check_threshold(threshold)
-        self.block_returns_residual = block_returns_residual
+        self.block_returns_residual = check_flag("block_returns_residual", block_returns_residual)
         self.aux_loss_coef = float(aux_loss_coef)
         self.block = block
         params = inspect.signature(block.forward).parameters
@@ -195,7 +196,8 @@ class MixtureOfDepths(AuxLossModule):
         nn.init.normal_(self.router.weight, mean=0.0, std=dim**-0.5)
         self.predictor: nn.Module | None = None
         if causal_router == "predictor":
-            hidden = predictor_hidden if predictor_hidden is not None else max(8, dim // 8)
+            hidden = max(8, dim // 8) if predictor_hidden is None else predictor_hidden
+            check_int("predictor_hidden", hidden)
             self.predictor = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self._stats: MoDStats | None = None
         # the last forward's (real, selected, agreement, causal), turned into stats when read
@@ -225,6 +227,10 @@ class MixtureOfDepths(AuxLossModule):
 
     @capacity.setter
     def capacity(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"capacity: expected a float in (0, 1], got {value!r}")
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"capacity: expected a value in (0, 1], got {value}")
         self._capacity = float(value)
         self._capacity_ratio = capacity_ratio(self._capacity)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_int, check_mask_values, name_layers
+from ..checks import check_flag, check_int, check_mask_values, name_layers
 from ..depth import CausalRouterName, GateName, MixtureOfDepths
 from ..experts import SwiGLUExperts
 from ..moe_layer import MoELayer
@@ -95,9 +95,16 @@ class ModelConfig:
                 f"num_heads: expected a divisor of dim={self.dim} giving an even head dim, "
                 f"got {self.num_heads}"
             )
-        for name in ("vocab_size", "num_layers", "ffn_hidden", "moe_every", "mod_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        for name in ("ffn_hidden", "max_seq_len", "moe_every", "mod_every"):
+            check_int(name, getattr(self, name))
+        if not isinstance(self.rope_theta, (int, float)) or not (
+            math.isfinite(self.rope_theta) and self.rope_theta > 0
+        ):
+            raise ValueError(f"rope_theta: expected a finite value > 0, got {self.rope_theta!r}")
+        if not isinstance(self.router_kwargs, dict):
+            raise TypeError(
+                f"router_kwargs: expected a dict, got {type(self.router_kwargs).__name__}"
+            )
         if self.mode_variant not in ("staged", "integrated"):
             raise ValueError(
                 f"mode_variant: expected 'staged' or 'integrated', got {self.mode_variant!r}"
@@ -369,6 +376,7 @@ class TransformerLM(nn.Module):
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count; with ``active`` only what one token uses (top_k of E experts)."""
+        check_flag("active", active)
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
@@ -397,8 +405,14 @@ class TransformerLM(nn.Module):
         ``temperature=0`` is greedy. With ``use_cache`` each step feeds only the new token.
         """
         check_int("max_new_tokens", max_new_tokens, low=0)
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:  # NaN fails too
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:  # NaN too
             raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
+        check_flag("use_cache", use_cache)
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens: expected at most {self.config.max_seq_len - idx.shape[1]} "
+                f"(max_seq_len={self.config.max_seq_len} minus the prompt), got {max_new_tokens}"
+            )
         if top_k is not None:
             check_int("top_k", top_k, 1, self.config.vocab_size)
         was_training = self.training
@@ -455,6 +469,14 @@ def _check_lm_inputs(
             )
     if attention_mask is not None:
         check_mask_values(attention_mask)
+    if position_ids is not None:
+        if position_ids.is_floating_point() or position_ids.is_complex():
+            raise TypeError(f"position_ids: expected an integer tensor, got {position_ids.dtype}")
+        checkable = position_ids.numel() and not torch.compiler.is_compiling()
+        if checkable and int(position_ids.min()) < 0:
+            raise ValueError(
+                f"position_ids: expected positions >= 0, got min {int(position_ids.min())}"
+            )
     if idx.numel() and not torch.compiler.is_compiling():
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= vocab_size:

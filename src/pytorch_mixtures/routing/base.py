@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_capacity_factor, check_features, check_int, check_mask
+from ..checks import (
+    check_capacity_factor,
+    check_features,
+    check_int,
+    check_mask,
+    check_nonnegative_float,
+)
 from .capacity import capacity_ratio
 
 __all__ = ["Decision", "Router", "RouterOutput", "token_major_output"]
@@ -143,7 +149,7 @@ class Router(nn.Module):
             self.gate = nn.Linear(dim, num_experts, bias=False)
             # small init: unit-variance logits make the first steps pick experts by noise and
             # collapse
-            std = 0.02 if init_std is None else init_std
+            std = 0.02 if init_std is None else check_nonnegative_float("init_std", init_std)
             nn.init.normal_(self.gate.weight, mean=0.0, std=std)
 
     @property

@@ -90,6 +90,7 @@ class HashRouter(Router):
     ) -> None:
         super().__init__(dim, num_experts)
         self.vocab_size = check_int("vocab_size", vocab_size)
+        check_int("seed", seed, low=None)
         self.capacity_factor = check_capacity_factor(capacity_factor)
         generator = torch.Generator().manual_seed(int(seed))
         table = torch.randint(num_experts, (self.vocab_size,), generator=generator)

@@ -353,6 +353,7 @@ class TopKRouter(Router):
         if self.expert_bias is None:
             raise ValueError("update_expert_bias: this router was built with expert_bias=False")
         rate = check_nonnegative_float("rate", rate)
+        check_flag("all_reduce", all_reduce)
         loads = self._load_counts
         if loads is None:
             return None
