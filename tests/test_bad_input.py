@@ -152,6 +152,9 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("lm negative positions", lambda t: lm()(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[-1, 0]])), ValueError, ("position_ids", ">= 0", "-1")),
     ("lm float positions", lambda t: lm()(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[0.0, 1.0]])), TypeError, ("position_ids", "integer", "torch.float32")),
     ("num_params active str", lambda t: lm().num_params(active="yes"), TypeError, ("active", "True or False", "'yes'")),
+    ("cv_squared negative eps", lambda t: pm.losses.cv_squared(torch.ones(3), eps=-1.0), ValueError, ("eps", ">= 0", "-1.0")),
+    ("hf adapter str layer", lambda t: pm.HFDecoderLayerAdapter("x", nn.Identity()), TypeError, ("layer", "nn.Module", "str")),
+    ("clip grad norm nan", lambda t: pm.distributed.clip_grad_norm_(nn.Linear(2, 2), float("nan")), ValueError, ("max_norm", "finite", "nan")),
     # --- router construction
     ("router dim zero", lambda t: pm.TopKRouter(0, E), ValueError, ("dim", ">= 1", "got 0")),
     ("router dim float", lambda t: pm.TopKRouter(8.0, E), TypeError, ("dim", "int", "float")),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int, check_mask_values
+from .checks import check_int, check_mask_values, check_nonnegative_float
 
 __all__ = [
     "AuxLossModule",
@@ -214,6 +214,7 @@ def cv_squared(values_E: Tensor, eps: float = 1e-10) -> Tensor:
     Population variance (divide by E), as the authors' tensor2tensor code computes it. Zero for
     a single expert.
     """
+    check_nonnegative_float("eps", eps)
     if values_E.numel() <= 1:
         return values_E.new_zeros(())
     mean = values_E.mean()

@@ -8,6 +8,7 @@ of the mean loss over ranks. :func:`clip_grad_norm_` clips by the norm over ever
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -128,8 +129,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     """
     from torch.distributed.tensor import DTensor
 
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
-        raise ValueError(f"max_norm: expected a number > 0, got {max_norm!r}")
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"max_norm: expected a finite number > 0, got {max_norm!r}")
+    if not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"max_norm: expected a finite number > 0, got {max_norm!r}")
     model = _unwrap(model)
     expert_ids = {id(p) for p in expert_parameters(model)}
     grads = [p.grad for p in model.parameters() if p.grad is not None]

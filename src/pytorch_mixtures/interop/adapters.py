@@ -41,6 +41,9 @@ class HFDecoderLayerAdapter(BlockAdapter):
 
     def __init__(self, layer: nn.Module, rotary_emb: nn.Module) -> None:
         super().__init__()
+        for name, value in (("layer", layer), ("rotary_emb", rotary_emb)):
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"{name}: expected an nn.Module, got {type(value).__name__}")
         self.layer = layer
         self.rotary_emb = rotary_emb
 

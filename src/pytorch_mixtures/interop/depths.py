@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_flag, check_int
 from ..depth import MixtureOfDepths
 from .adapters import HFDecoderLayerAdapter
 from .upcycle import _mlp_dim, attach_aux_loss
@@ -151,11 +151,18 @@ def route_depths(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     every = check_int("every", every)
+    check_flag("attach_loss", attach_loss)
     layer_lists = _decoder_layer_lists(model)
     if not layer_lists:
         raise ValueError(
             f"model: expected decoder layers (with self_attn) next to a rotary_emb module in "
             f"{type(model).__name__}, found none"
+        )
+    most_layers = max(len(layers) for _, layers in layer_lists)
+    if every > most_layers:
+        raise ValueError(
+            f"every: expected at most {most_layers} (the model's decoder layers), got {every}: "
+            "no layer would be routed"
         )
     for rotary, layers in layer_lists:
         for index in range(len(layers)):

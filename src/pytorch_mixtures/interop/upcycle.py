@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..checks import check_int
+from ..checks import check_flag, check_int
 from ..experts import ExpertsBase, ModuleListExperts, SwiGLUExperts
 from ..losses import aux_loss
 from ..moe_layer import MoELayer
@@ -166,6 +166,7 @@ def moeify(
     num_experts = check_int("num_experts", num_experts)
     top_k = check_int("top_k", top_k, 1, num_experts)
     every = check_int("every", every)
+    check_flag("attach_loss", attach_loss)
     for name, value in (("noise", noise), ("router_init_std", router_init_std)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
