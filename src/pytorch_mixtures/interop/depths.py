@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..checks import check_flag, check_int
 from ..depth import MixtureOfDepths
 from .adapters import HFDecoderLayerAdapter
-from .upcycle import _mlp_dim, attach_aux_loss
+from .upcycle import _check_every_reaches_a_layer, _mlp_dim, attach_aux_loss
 
 __all__ = ["MoDDecoderLayer", "route_depths"]
 
@@ -158,12 +158,7 @@ def route_depths(
             f"model: expected decoder layers (with self_attn) next to a rotary_emb module in "
             f"{type(model).__name__}, found none"
         )
-    most_layers = max(len(layers) for _, layers in layer_lists)
-    if every > most_layers:
-        raise ValueError(
-            f"every: expected at most {most_layers} (the model's decoder layers), got {every}: "
-            "no layer would be routed"
-        )
+    _check_every_reaches_a_layer(every, [layers for _, layers in layer_lists], "routed")
     for rotary, layers in layer_lists:
         for index in range(len(layers)):
             if (index + 1) % every != 0:

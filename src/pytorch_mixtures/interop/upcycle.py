@@ -178,12 +178,7 @@ def moeify(
             f"mlp_name: expected layers with a {mlp_name!r} submodule inside an nn.ModuleList "
             f"of {type(model).__name__}, found none"
         )
-    most_layers = max(len(layers) for _, layers in layer_lists)
-    if every > most_layers:
-        raise ValueError(
-            f"every: expected at most {most_layers} (the model's decoder layers), got {every}: "
-            "no layer would be converted"
-        )
+    _check_every_reaches_a_layer(every, [layers for _, layers in layer_lists], "converted")
     for _, layers in layer_lists:
         for index, layer in enumerate(layers):
             if (index + 1) % every != 0:
@@ -210,6 +205,16 @@ def moeify(
     if attach_loss:
         attach_aux_loss(model)
     return model
+
+
+def _check_every_reaches_a_layer(every: int, layer_lists: list[nn.ModuleList], done: str) -> None:
+    """``every`` larger than every layer list would change nothing: say so, do not do nothing."""
+    most_layers = max(len(layers) for layers in layer_lists)
+    if every > most_layers:
+        raise ValueError(
+            f"every: expected at most {most_layers} (the model's decoder layers), got {every}: "
+            f"no layer would be {done}"
+        )
 
 
 def attach_aux_loss(model: nn.Module) -> RemovableHandle:
