@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_features, check_flag, check_int, check_mask
+from .checks import check_features, check_flag, check_input_matches, check_int, check_mask
 
 __all__ = ["MHSA"]
 
@@ -42,6 +42,8 @@ class MHSA(nn.Module):
             raise ValueError(
                 f"num_heads: expected a divisor of dim={dim}, got num_heads={num_heads}"
             )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout: expected a float in [0, 1), got {dropout!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {dropout}")
         self.dim, self.num_heads, self.causal, self.dropout = dim, num_heads, causal, dropout
@@ -50,6 +52,7 @@ class MHSA(nn.Module):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         check_features(x, self.dim, (3,), f"[B, T, {self.dim}]")
+        check_input_matches(x, self)
         keep_BT = check_mask(attention_mask, x, (tuple(x.shape[:2]),))
         batch, seq_len, _ = x.shape
         head_dim = self.dim // self.num_heads

@@ -179,7 +179,10 @@ def check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor | No
 
 
 def check_token_ids(
-    token_ids: object, shape: tuple[int, ...], vocab_size: int | None = None
+    token_ids: object,
+    shape: tuple[int, ...],
+    vocab_size: int | None = None,
+    expected_device: torch.device | None = None,
 ) -> Tensor:
     """Token ids of exactly ``shape`` (the input's leading shape), integers (not bool), in
     ``[0, vocab_size)`` when it is given; returned flat int64."""
@@ -195,6 +198,11 @@ def check_token_ids(
         or token_ids.dtype == torch.bool
     ):
         raise TypeError(f"token_ids: expected an integer Tensor, got {_kind(token_ids)}")
+    if expected_device is not None and token_ids.device != expected_device:
+        raise ValueError(
+            f"token_ids: expected a tensor on {expected_device} (as x), got one on "
+            f"{token_ids.device}"
+        )
     if tuple(token_ids.shape) != tuple(shape):
         raise ValueError(
             f"token_ids: expected shape {tuple(shape)} (one id per token, as x's leading "

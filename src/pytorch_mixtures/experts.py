@@ -33,7 +33,7 @@ from .backends import (
     group_rows,
     resolve_backend,
 )
-from .checks import check_flag, check_int
+from .checks import check_flag, check_input_matches, check_int
 from .kernels import group_bounds, segment_swiglu
 
 if TYPE_CHECKING:
@@ -100,9 +100,14 @@ class ExpertsBase(nn.Module):
         return False
 
     def _check_counts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> None:
+        if isinstance(x_SD, Tensor) and not x_SD.is_floating_point():
+            raise TypeError(
+                f"x: expected a floating-point tensor [S, {self.dim}], got {x_SD.dtype}"
+            )
         if not isinstance(x_SD, Tensor) or x_SD.dim() != 2 or x_SD.shape[-1] != self.dim:
             got = tuple(x_SD.shape) if isinstance(x_SD, Tensor) else type(x_SD).__name__
             raise ValueError(f"x: expected shape [S, {self.dim}], got {got}")
+        check_input_matches(x_SD, self)
         if not isinstance(tokens_per_expert_E, Tensor) or tokens_per_expert_E.is_floating_point():
             kind = (
                 str(tokens_per_expert_E.dtype)
@@ -110,6 +115,11 @@ class ExpertsBase(nn.Module):
                 else type(tokens_per_expert_E).__name__
             )
             raise TypeError(f"tokens_per_expert: expected an integer tensor, got {kind}")
+        if tokens_per_expert_E.device != x_SD.device:
+            raise ValueError(
+                f"tokens_per_expert: expected a tensor on {x_SD.device} (as x), got one on "
+                f"{tokens_per_expert_E.device}"
+            )
         if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
                 f"tokens_per_expert: expected shape ({self.num_experts},), "
@@ -382,6 +392,10 @@ class ModuleListExperts(ExpertsBase):
 
     def __init__(self, experts: Iterable[nn.Module], dim: int) -> None:
         super().__init__()
+        if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
+            raise TypeError(
+                f"experts: expected a list of nn.Module, got a single {type(experts).__name__}"
+            )
         modules = list(experts)
         if not modules:
             raise ValueError("experts: expected a non-empty list of nn.Module, got an empty list")

@@ -24,6 +24,8 @@ def readable_file(path: str | os.PathLike[str], argument: str) -> Path:
 
     Raises ``ValueError`` naming ``argument`` (``"--data"``, ``"checkpoint"``) otherwise.
     """
+    if not isinstance(argument, str):
+        raise TypeError(f"argument: expected the argument's name as a str, got {argument!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{argument}: expected a file path, got {type(path).__name__}")
     file = Path(path)

@@ -47,6 +47,12 @@ def _flatten_logits(router_logits: Tensor | Sequence[Tensor]) -> Tensor:
     elif isinstance(router_logits, (list, tuple)) and router_logits:
         if not all(isinstance(t, Tensor) for t in router_logits):
             raise TypeError("router_logits: expected a Tensor or a sequence of Tensors")
+        widths = sorted({t.shape[-1] if t.dim() else 0 for t in router_logits})
+        if len(widths) != 1:
+            raise ValueError(
+                f"router_logits: expected every layer's logits over the same experts, got "
+                f"last dimensions {widths}"
+            )
         logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in router_logits], dim=0)
     else:
         raise TypeError(
@@ -55,8 +61,11 @@ def _flatten_logits(router_logits: Tensor | Sequence[Tensor]) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"router_logits: expected a floating-point tensor, got {logits.dtype}")
-    if logits.dim() < 1:
-        raise ValueError("router_logits: expected at least one dimension [..., num_experts]")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"router_logits: expected [tokens, num_experts] (or more leading dims), got shape "
+            f"{tuple(logits.shape)}"
+        )
     return logits.reshape(-1, logits.shape[-1]).float()
 
 
@@ -86,6 +95,15 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     mask = mask.reshape(-1, *([1] * (values.dim() - 1)))
     # where, not multiply: NaN/inf in a padding row must not leak; clamp: all-padding gives 0
     return torch.where(mask, values, 0.0).sum(dim=0) / mask.sum().clamp_min(1).to(values.dtype)
+
+
+def _check_scores(name: str, scores: object, ndim: int) -> None:
+    """A floating-point tensor of ``ndim`` dimensions (losses' score and logit inputs)."""
+    if not isinstance(scores, Tensor) or not scores.is_floating_point():
+        kind = scores.dtype if isinstance(scores, Tensor) else type(scores).__name__
+        raise TypeError(f"{name}: expected a floating-point Tensor, got {kind}")
+    if scores.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(scores.shape)}")
 
 
 def balance_loss_from_assignments(
@@ -191,8 +209,23 @@ def sequence_balance_loss(
     Returns:
         0-dim tensor in the dtype of ``probs_BTE`` (zero when no sequence has a real token).
     """
+    _check_scores("probs_BTE", probs_BTE, 3)
+    if not isinstance(expert_ids_BTK, Tensor) or expert_ids_BTK.is_floating_point():
+        kind = expert_ids_BTK.dtype if isinstance(expert_ids_BTK, Tensor) else type(expert_ids_BTK)
+        raise TypeError(f"expert_ids_BTK: expected an int64 tensor [B, T, K], got {kind}")
+    if expert_ids_BTK.dim() != 3 or expert_ids_BTK.shape[:2] != probs_BTE.shape[:2]:
+        raise ValueError(
+            f"expert_ids_BTK: expected shape [{probs_BTE.shape[0]}, {probs_BTE.shape[1]}, K] (as "
+            f"probs_BTE), got {tuple(expert_ids_BTK.shape)}"
+        )
     batch, seq_len, num_experts = probs_BTE.shape
     dtype = probs_BTE.dtype
+    if expert_ids_BTK.numel() and not torch.compiler.is_compiling():
+        low, high = int(expert_ids_BTK.min()), int(expert_ids_BTK.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(
+                f"expert_ids_BTK: expected experts in [0, {num_experts - 1}], got [{low}, {high}]"
+            )
     if token_mask_BT is None:
         token_mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=probs_BTE.device)
     real_BT = token_mask_BT.to(dtype)
@@ -237,6 +270,11 @@ def importance_loss(gates_NE: Tensor, token_mask_N: Tensor | None = None) -> Ten
     Returns:
         0-dim tensor; zero when every expert has the same importance.
     """
+    _check_scores("gates_NE", gates_NE, 2)
+    if token_mask_N is not None and tuple(token_mask_N.shape) != (gates_NE.shape[0],):
+        raise ValueError(
+            f"token_mask_N: expected shape ({gates_NE.shape[0]},), got {tuple(token_mask_N.shape)}"
+        )
     return cv_squared(_masked_sum(gates_NE, token_mask_N))
 
 
@@ -265,7 +303,23 @@ def noisy_top_k_load(
         ``[E]`` the estimated load (differentiable in the clean logits and the noise std).
         With ``top_k == E`` every expert is always selected and the load is the token count.
     """
+    for name, scores in (
+        ("clean_logits_NE", clean_logits_NE),
+        ("noisy_logits_NE", noisy_logits_NE),
+        ("noise_std_NE", noise_std_NE),
+    ):
+        _check_scores(name, scores, 2)
+        if scores.shape != clean_logits_NE.shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(clean_logits_NE.shape)} (as clean_logits_NE), "
+                f"got {tuple(scores.shape)}"
+            )
     num_experts = clean_logits_NE.shape[-1]
+    check_int("top_k", top_k, 1, num_experts)
+    if not torch.compiler.is_compiling() and bool((noise_std_NE <= 0).any()):
+        raise ValueError(
+            f"noise_std_NE: expected standard deviations > 0, got min {float(noise_std_NE.min())}"
+        )
     if top_k >= num_experts:
         return _masked_sum(torch.ones_like(clean_logits_NE), token_mask_N)
     top_NK1 = noisy_logits_NE.topk(top_k + 1, dim=-1).values

@@ -245,8 +245,14 @@ def plot_expert_load(
         )
     if not target.parent.is_dir():
         raise ValueError(f"path: expected a file in an existing folder, got {str(target)!r}")
-    if not isinstance(history, Sequence) or not all(isinstance(t, dict) for t in history):
-        raise TypeError("history: expected a list of routing_stats tables (dicts)")
+    if (
+        not isinstance(history, Sequence)
+        or not all(isinstance(t, dict) for t in history)
+        or not all(isinstance(row, dict) for t in history for row in t.values())
+    ):
+        raise TypeError(
+            "history: expected a list of routing_stats tables (dicts of per-layer dicts)"
+        )
     if not history:
         raise ValueError("history: expected at least one routing_stats table, got none")
     if steps is not None and len(steps) != len(history):

@@ -437,7 +437,16 @@ class MixtureOfDepths(AuxLossModule):
                 kwargs["attention_mask"] = valid_BK
             if self._pass_positions:
                 kwargs["position_ids"] = pos_BK
-            out = self.block(x_BKD, **kwargs)
+            try:
+                out = self.block(x_BKD, **kwargs)
+            except RuntimeError as err:  # typically a block built for another width or dtype
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise
+                raise ValueError(
+                    f"block: expected a module mapping [B, K, {self.dim}] -> [B, K, {self.dim}] "
+                    f"(this layer's dim), but it failed on {tuple(x_BKD.shape)} "
+                    f"({x_BKD.dtype}): {err}"
+                ) from err
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         if not isinstance(out, Tensor) or out.shape != x_BKD.shape:
@@ -454,6 +463,8 @@ class MixtureOfDepths(AuxLossModule):
         check_features(x, self.dim, (3,), f"[B, T, {self.dim}]")
         check_input_matches(x, self)  # the router's (and the block's) device and dtype
         check_shape("position_ids", position_ids, tuple(x.shape[:2]))
+        if position_ids is not None and position_ids.is_floating_point():
+            raise TypeError(f"position_ids: expected an integer tensor, got {position_ids.dtype}")
         return check_mask(attention_mask, x, (tuple(x.shape[:2]),))
 
     @torch.no_grad()
@@ -530,6 +541,12 @@ def calibrate_thresholds(
 
     Returns the thresholds, in module order.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not callable(run) and (isinstance(run, (str, bytes)) or not isinstance(run, Iterable)):
+        raise TypeError(
+            f"run: expected a callable or an iterable of model inputs, got {type(run).__name__}"
+        )
     layers = [m for m in model.modules() if isinstance(m, MixtureOfDepths)]
     if not layers:
         raise ValueError("model: expected at least one MixtureOfDepths layer, found none")

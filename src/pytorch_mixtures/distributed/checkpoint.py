@@ -8,6 +8,7 @@ unsharded state dict for export.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -216,6 +217,10 @@ def load_checkpoint(
         optim_sd = sharded_optimizer_state_dict(model, optimizer)
         optim_keys = [_OPTIM_PREFIX + k for k in optim_sd]
         state_dict.update(zip(optim_keys, optim_sd.values(), strict=True))
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"path: expected a checkpoint folder written by save_checkpoint, got {path!r}"
+        )
     load(state_dict, checkpoint_id=path)
     if optimizer is not None:
         optim_loaded = {k[len(_OPTIM_PREFIX) :]: state_dict.pop(k) for k in optim_keys}

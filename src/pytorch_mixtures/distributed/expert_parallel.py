@@ -96,6 +96,7 @@ def all_to_all_single(
     ``torch.distributed.nn.functional.all_to_all_single`` (torch 2.13) computes the same
     backward; this one allocates its output itself and keeps ranks in lock-step as above.
     """
+    _require_initialized("all_to_all_single")
     force_grad = torch.empty(0, device=x_SD.device, requires_grad=torch.is_grad_enabled())
     apply: Any = _AllToAllSingle.apply
     out: Tensor = apply(x_SD, output_splits, input_splits, group, force_grad)
@@ -437,6 +438,8 @@ def _run_skipped_layers(mod: nn.Module, args: tuple[Any, ...], output: Any) -> A
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters owned by this rank's sharded experts (not replicated across ranks)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     for _, module in _ep_modules(model):
         yield from module.local.parameters()
 

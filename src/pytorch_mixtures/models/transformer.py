@@ -15,6 +15,7 @@ Hd head dim, V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -123,8 +124,17 @@ class ModelConfig:
                 "routed_scaling_factor: expected a finite value > 0 or None, "
                 f"got {self.routed_scaling_factor!r}"
             )
+        if isinstance(self.mod_capacity, bool) or not isinstance(self.mod_capacity, (int, float)):
+            raise TypeError(f"mod_capacity: expected a float in (0, 1], got {self.mod_capacity!r}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ValueError(f"mod_capacity: expected a value in (0, 1], got {self.mod_capacity}")
+        if self.num_noop_experts is not None:
+            check_int("num_noop_experts", self.num_noop_experts, low=0)
+        unknown = set(self.router_kwargs) - set(inspect.signature(TopKRouter).parameters)
+        if unknown:
+            raise ValueError(
+                f"router_kwargs: expected TopKRouter arguments, got unknown {sorted(unknown)}"
+            )
 
     @property
     def combine_scale(self) -> float:
@@ -310,6 +320,8 @@ class TransformerLM(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList([self._make_layer(i) for i in range(config.num_layers)])
@@ -358,6 +370,12 @@ class TransformerLM(nn.Module):
                 f"idx: expected an int64 tensor [B, T], got {idx.dtype} {tuple(idx.shape)}"
             )
         _check_lm_inputs(idx, targets, attention_mask, position_ids, self.config.vocab_size)
+        length = idx.shape[1] + (0 if cache is None else cache.length(0))
+        if length > self.config.max_seq_len:
+            raise ValueError(
+                f"idx: expected at most max_seq_len={self.config.max_seq_len} positions "
+                f"(with the cache), got {length}"
+            )
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
@@ -404,6 +422,9 @@ class TransformerLM(nn.Module):
         Runs in eval mode (restored afterwards). ``attention_mask`` marks left padding (0).
         ``temperature=0`` is greedy. With ``use_cache`` each step feeds only the new token.
         """
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+            got = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"idx: expected a [B, T] prompt with T >= 1, got {got}")
         check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:  # NaN too
             raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")

@@ -170,12 +170,17 @@ class Router(nn.Module):
         """Route ``x`` ``[B, T, D]`` or ``[N, D]``; ``attention_mask`` ``[B, T]`` (1 = real);
         ``token_ids`` of shape ``x.shape[:-1]`` for routers that route on ids."""
         check_features(x, self.dim, (3, 2), f"[B, T, {self.dim}] or [N, {self.dim}]")
+        if self.has_gate and x.device != self.gate.weight.device:
+            raise ValueError(
+                f"x: expected a tensor on {self.gate.weight.device} (the router's weights), got "
+                f"one on {x.device}"
+            )
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         mask = check_mask(attention_mask, x, (tuple(x.shape[:-1]), tuple(x_BTD.shape[:2])))
         mask_BT = None if mask is None else mask.reshape(x_BTD.shape[:2])
         if token_ids is not None and not self.uses_token_ids:
             raise TypeError(f"token_ids: {type(self).__name__} does not route on token ids")
-        if token_ids is not None and tuple(token_ids.shape) == tuple(x.shape[:-1]):
+        if isinstance(token_ids, Tensor) and tuple(token_ids.shape) == tuple(x.shape[:-1]):
             token_ids = token_ids.reshape(x_BTD.shape[:2])  # [N] ids of [N, D] input
         return self.route(x_BTD, mask_BT, token_ids)
 

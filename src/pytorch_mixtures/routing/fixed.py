@@ -99,7 +99,9 @@ class HashRouter(Router):
     def route(
         self, x_BTD: Tensor, mask_BT: Tensor | None, token_ids: Tensor | None
     ) -> RouterOutput:
-        ids_N = check_token_ids(token_ids, tuple(x_BTD.shape[:2]), self.vocab_size)
+        ids_N = check_token_ids(
+            token_ids, tuple(x_BTD.shape[:2]), self.vocab_size, expected_device=x_BTD.device
+        )
         device = x_BTD.device
         expert_ids_N1 = self.hash_table[ids_N.to(self.hash_table.device)].to(device).view(-1, 1)
         dtype = torch.promote_types(x_BTD.dtype, torch.float32)

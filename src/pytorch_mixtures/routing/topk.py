@@ -264,7 +264,7 @@ class TopKRouter(Router):
         balance: BalanceMode = "batch",
     ) -> None:
         super().__init__(dim, num_experts, init_std)
-        self.top_k = check_int("top_k", top_k, 1, num_experts)
+        self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func: expected 'softmax' or 'sigmoid', got {score_func!r}")
@@ -308,6 +308,15 @@ class TopKRouter(Router):
         # real-forward load counts since the last bias update; a plain attribute, not a buffer,
         # so DDP's buffer broadcast cannot overwrite one rank's counts with another's
         self._load_counts: Tensor | None = None
+
+    @property
+    def top_k(self) -> int:
+        """Slots per token, in ``[1, num_experts]`` (checked again when assigned)."""
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value: int) -> None:
+        self._top_k = check_int("top_k", value, 1, self.num_experts)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TopKRouter:
         # ``model.half()`` / ``.to(bfloat16)`` must not round the bias: +-1e-3 updates vanish
