@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .files import load_state_dict_file, readable_file
 
 __all__ = [
+    "call_user_module",
     "check_capacity_factor",
     "check_features",
     "check_flag",
@@ -240,6 +241,24 @@ def check_input_matches(x: Tensor, module: nn.Module) -> None:
 
 
 # --- runtime -------------------------------------------------------------------------------
+
+
+def call_user_module(
+    name: str, module: nn.Module, mapping: str, x: Tensor, **kwargs: object
+) -> object:
+    """``module(x, **kwargs)`` for a module the user gave (experts, a block): a RuntimeError
+    inside, typically a module built for another width or dtype, becomes a ``ValueError``
+    naming it (``name``) and what it should map (``mapping``, e.g. ``"[n, 512] -> [n, 512]"``)
+    instead of a bare matmul error."""
+    try:
+        return module(x, **kwargs)
+    except RuntimeError as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ValueError(
+            f"{name}: expected a module mapping {mapping}, but it failed on an input of shape "
+            f"{tuple(x.shape)} ({x.dtype}, {x.device}): {err}"
+        ) from err
 
 
 def name_layers(model: nn.Module) -> nn.Module:

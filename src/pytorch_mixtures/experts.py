@@ -33,7 +33,7 @@ from .backends import (
     group_rows,
     resolve_backend,
 )
-from .checks import check_flag, check_input_matches, check_int
+from .checks import call_user_module, check_flag, check_input_matches, check_int
 from .kernels import group_bounds, segment_swiglu
 
 if TYPE_CHECKING:
@@ -410,17 +410,8 @@ class ModuleListExperts(ExpertsBase):
         self.dim = check_int("dim", dim)
 
     def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
-        try:
-            y_nD = self.experts[index](x_nD)
-        except RuntimeError as err:
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            # typically an expert built for another width: name it instead of a bare matmul error
-            raise ValueError(
-                f"experts[{index}]: expected a module mapping [n, {self.dim}] -> "
-                f"[n, {self.dim}], but it failed on an input of shape {tuple(x_nD.shape)} "
-                f"({x_nD.dtype}, {x_nD.device}): {err}"
-            ) from err
+        mapping = f"[n, {self.dim}] -> [n, {self.dim}]"
+        y_nD = call_user_module(f"experts[{index}]", self.experts[index], mapping, x_nD)
         if not isinstance(y_nD, Tensor) or y_nD.shape != x_nD.shape:
             got = tuple(y_nD.shape) if isinstance(y_nD, Tensor) else type(y_nD).__name__
             raise ValueError(

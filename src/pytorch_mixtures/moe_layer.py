@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import dispatch
 from .backends import DECODE_MAX_SLOTS, use_decode_path
 from .checks import (
+    call_user_module,
     check_capacity_factor,
     check_features,
     check_flag,
@@ -268,16 +269,8 @@ class MoELayer(AuxLossModule):
 
     def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:
         assert self.shared_experts is not None
-        try:
-            shared_ND: Tensor = self.shared_experts(x_ND)
-        except RuntimeError as err:  # typically a module built for another width or dtype
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            raise ValueError(
-                f"shared_experts: expected a module mapping [N, {self.dim}] -> [N, {self.dim}] "
-                f"of this layer's dtype, but it failed on an input of shape "
-                f"{tuple(x_ND.shape)} ({x_ND.dtype}): {err}"
-            ) from err
+        mapping = f"[N, {self.dim}] -> [N, {self.dim}] of this layer's dtype"
+        shared_ND = call_user_module("shared_experts", self.shared_experts, mapping, x_ND)
         if not isinstance(shared_ND, Tensor) or shared_ND.shape != x_ND.shape:
             got = tuple(shared_ND.shape) if isinstance(shared_ND, Tensor) else type(shared_ND)
             raise ValueError(

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import (
+    call_user_module,
     check_features,
     check_flag,
     check_input_matches,
@@ -437,16 +438,8 @@ class MixtureOfDepths(AuxLossModule):
                 kwargs["attention_mask"] = valid_BK
             if self._pass_positions:
                 kwargs["position_ids"] = pos_BK
-            try:
-                out = self.block(x_BKD, **kwargs)
-            except RuntimeError as err:  # typically a block built for another width or dtype
-                if isinstance(err, torch.OutOfMemoryError):
-                    raise
-                raise ValueError(
-                    f"block: expected a module mapping [B, K, {self.dim}] -> [B, K, {self.dim}] "
-                    f"(this layer's dim), but it failed on {tuple(x_BKD.shape)} "
-                    f"({x_BKD.dtype}): {err}"
-                ) from err
+            mapping = f"[B, K, {self.dim}] -> [B, K, {self.dim}] (this layer's dim)"
+            out = call_user_module("block", self.block, mapping, x_BKD, **kwargs)
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
         if not isinstance(out, Tensor) or out.shape != x_BKD.shape:
