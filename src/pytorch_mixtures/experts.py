@@ -125,7 +125,12 @@ class ExpertsBase(nn.Module):
                 f"tokens_per_expert: expected shape ({self.num_experts},), "
                 f"got {tuple(tokens_per_expert_E.shape)}"
             )
-        if not torch.compiler.is_compiling() and bool((tokens_per_expert_E < 0).any()):
+        if x_SD.device.type != "cpu" or torch.compiler.is_compiling():
+            # a device assert, not a host sync: grouped_mm / bmm must not wait on the device
+            torch._assert_async(
+                (tokens_per_expert_E >= 0).all(), "tokens_per_expert: expected counts >= 0"
+            )
+        elif bool((tokens_per_expert_E < 0).any()):
             raise ValueError(
                 f"tokens_per_expert: expected counts >= 0, got {tokens_per_expert_E.tolist()}"
             )

@@ -218,14 +218,23 @@ def sequence_balance_loss(
             f"expert_ids_BTK: expected shape [{probs_BTE.shape[0]}, {probs_BTE.shape[1]}, K] (as "
             f"probs_BTE), got {tuple(expert_ids_BTK.shape)}"
         )
-    batch, seq_len, num_experts = probs_BTE.shape
-    dtype = probs_BTE.dtype
+    num_experts = probs_BTE.shape[-1]
     if expert_ids_BTK.numel() and not torch.compiler.is_compiling():
         low, high = int(expert_ids_BTK.min()), int(expert_ids_BTK.max())
         if low < 0 or high >= num_experts:
             raise ValueError(
                 f"expert_ids_BTK: expected experts in [0, {num_experts - 1}], got [{low}, {high}]"
             )
+    return _sequence_balance_loss(probs_BTE, expert_ids_BTK, token_mask_BT)
+
+
+def _sequence_balance_loss(
+    probs_BTE: Tensor, expert_ids_BTK: Tensor, token_mask_BT: Tensor | None
+) -> Tensor:
+    """:func:`sequence_balance_loss` on inputs known to be valid (the router's own, every
+    training forward: no checks, so no host sync for the ids' range)."""
+    batch, seq_len, num_experts = probs_BTE.shape
+    dtype = probs_BTE.dtype
     if token_mask_BT is None:
         token_mask_BT = torch.ones(batch, seq_len, dtype=torch.bool, device=probs_BTE.device)
     real_BT = token_mask_BT.to(dtype)
@@ -320,6 +329,19 @@ def noisy_top_k_load(
         raise ValueError(
             f"noise_std_NE: expected standard deviations > 0, got min {float(noise_std_NE.min())}"
         )
+    return _noisy_top_k_load(clean_logits_NE, noisy_logits_NE, noise_std_NE, top_k, token_mask_N)
+
+
+def _noisy_top_k_load(
+    clean_logits_NE: Tensor,
+    noisy_logits_NE: Tensor,
+    noise_std_NE: Tensor,
+    top_k: int,
+    token_mask_N: Tensor | None,
+) -> Tensor:
+    """:func:`noisy_top_k_load` on inputs known to be valid (the router's own, every training
+    forward: no checks, so no host sync for the std's sign)."""
+    num_experts = clean_logits_NE.shape[-1]
     if top_k >= num_experts:
         return _masked_sum(torch.ones_like(clean_logits_NE), token_mask_N)
     top_NK1 = noisy_logits_NE.topk(top_k + 1, dim=-1).values

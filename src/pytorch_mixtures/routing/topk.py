@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_capacity_factor, check_flag, check_int, check_nonnegative_float
+
+# the unchecked forms: the router's own tensors are valid by construction, and the public
+# functions' checks would cost a host sync per training forward
 from ..losses import (
+    _noisy_top_k_load,
+    _sequence_balance_loss,
     balance_loss_from_assignments,
     cv_squared,
     importance_loss,
-    noisy_top_k_load,
     router_z_loss,
-    sequence_balance_loss,
 )
 from .base import Decision, Router, RouterOutput, token_major_output
 from .capacity import token_choice_keep
@@ -521,7 +524,7 @@ class TopKRouter(Router):
             balance_loss = balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N)
         else:
             batch, seq_len = batch_shape
-            balance_loss = sequence_balance_loss(
+            balance_loss = _sequence_balance_loss(
                 balance_probs_NE.float().reshape(batch, seq_len, self.num_experts),
                 expert_ids_NK.reshape(batch, seq_len, self.top_k),
                 mask_BT,
@@ -539,7 +542,7 @@ class TopKRouter(Router):
         """Shazeer et al. 2017's importance and load losses, unweighted."""
         if self.training:
             assert noise_std_NE is not None
-            load_E = noisy_top_k_load(clean_logits_NE, logits_NE, noise_std_NE, self.top_k, mask_N)
+            load_E = _noisy_top_k_load(clean_logits_NE, logits_NE, noise_std_NE, self.top_k, mask_N)
         else:  # no noise, no smooth estimate: the hard count (tensor2tensor's choice)
             load_E = (gates_NE > 0).to(gates_NE.dtype)
             if mask_N is not None:
