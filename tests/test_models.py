@@ -90,6 +90,46 @@ def test_cached_greedy_decoding_equals_full_recompute(kind):
     assert torch.equal(alone[:, 2:], cached[2:, 6:])
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_static_cache_steps_equal_the_dynamic_cache(kind):
+    """Per step, logits through a preallocated cache (unwritten slots masked) equal those
+    through the growing one, with left padding in a batch of 3."""
+    model = tiny(kind, num_experts=4, top_k=2)
+    idx = torch.randint(0, 50, (3, 12))
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[2, :5] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    dynamic, static = model.new_cache(), model.new_static_cache(3, 16)
+    for cut in ((0, 7), *((t, t + 1) for t in range(7, 12))):
+        sl = slice(*cut)
+        args = {"attention_mask": mask[:, sl], "position_ids": pos[:, sl]}
+        want = model(idx[:, sl], cache=dynamic, **args).logits
+        got = model(idx[:, sl], cache=static, **args).logits
+        torch.testing.assert_close(got[mask[:, sl]], want[mask[:, sl]], rtol=1e-5, atol=1e-6)
+    assert static.length(0) == dynamic.length(0) == 12
+    assert static.layers[0][0].shape == (3, 4, 16, 8)  # [B, H, max_len, Hd], never grown
+    greedy = model.generate(idx, 4, attention_mask=mask)
+    assert torch.equal(model.generate(idx, 4, attention_mask=mask, static_cache=True), greedy)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    """generate(compile=True): the decode steps run as one fullgraph torch.compile graph over
+    the static cache, compiled once, and decode exactly what eager decoding does (MoD: in
+    test_models_depth)."""
+    prompt = torch.randint(1, 50, (3, 5))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    for kind in ("dense", "moe"):
+        model = tiny(kind, num_experts=4, top_k=2)
+        eager = model.generate(prompt, 6, attention_mask=mask)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = model.generate(prompt, 6, attention_mask=mask, compile=True)
+        assert torch.equal(compiled, eager), kind
+
+
 def test_matched_active_params_and_aux_loss():
     dense, moe = tiny("dense"), tiny("moe", num_experts=8, top_k=2)
     router_params = 2 * 32 * 8  # per layer: dim x experts

@@ -137,6 +137,36 @@ def test_cached_greedy_decoding_equals_recompute(kind, extra):
     assert torch.equal(alone[:, 3:], cached[2:, 7:])
 
 
+@pytest.mark.parametrize(("kind", "extra"), MODELS, ids=IDS)
+def test_static_cache_decoding_equals_the_dynamic_cache(kind, extra):
+    """Routed layers write only the steps they run into the preallocated cache; decoding
+    through it equals decoding through the growing cache (batch 3, left padding, batch 1)."""
+    model = calibrated(kind, **extra)
+    prompt = torch.randint(1, 50, (3, 7))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    dynamic = model.generate(prompt, 12, attention_mask=mask)
+    assert torch.equal(model.generate(prompt, 12, attention_mask=mask, static_cache=True), dynamic)
+    alone = model.generate(prompt[2:, 4:], 12, static_cache=True)
+    assert torch.equal(alone, model.generate(prompt[2:, 4:], 12))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    """The MoD decode step under torch.compile(fullgraph) runs the block masked (static
+    shapes) and decodes what eager decoding, which skips unselected steps, does."""
+    model = calibrated("mod")
+    prompt = torch.randint(1, 50, (3, 6))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    eager = model.generate(prompt, 8, attention_mask=mask)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(prompt, 8, attention_mask=mask, compile=True)
+    assert torch.equal(compiled, eager)
+
+
 def test_routed_layer_caches_only_the_tokens_it_processed():
     model = calibrated("mod")
     prompt = torch.randint(1, 50, (1, 10))

@@ -465,3 +465,11 @@ def test_capacities_are_exact_integers_over_a_grid():
             assert expert_choice_capacity(tokens, 3, cf, None) == want_ec
             assert pm.ExpertChoiceRouter(DIM, 3, cf).capacity(tokens) == want_ec
     assert pm.TopKRouter(DIM, 3, 1, capacity_factor=2.2)(torch.randn(45, DIM)).capacity == 33
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_normalized_top1_warns_because_every_weight_is_one(score_func):
+    with pytest.warns(UserWarning, match="every weight is 1"):
+        router = pm.TopKRouter(8, 4, top_k=1, score_func=score_func, normalize_weights=True)
+    out = router(torch.randn(3, 5, 8))
+    torch.testing.assert_close(out.weights, torch.ones_like(out.weights))

@@ -515,6 +515,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", nargs="+", choices=["small", "medium"], default=["small", "medium"],
         help="with --decode: the LM sizes",
     )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="with --decode: also compiled layer calls and generate(compile=True)",
+    )  # fmt: skip
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
@@ -560,10 +564,10 @@ def _run_decode_cli(args: argparse.Namespace) -> int:
     for name in args.sizes:
         size = decode_bench.SIZES[name]
         tables["layer"] += decode_bench.layer_table(
-            size, repeats=args.repeats, where=where, tokens=batches
+            size, repeats=args.repeats, where=where, tokens=batches, compile=args.compile
         )
         tables["generate"] += decode_bench.generate_table(
-            size, repeats=args.repeats, where=where, batches=batches
+            size, repeats=args.repeats, where=where, batches=batches, compile=args.compile
         )
         if where == decode_bench.CPU:  # (the training step is a CPU table)
             tables["train step"] += decode_bench.train_table(size, repeats=args.repeats)

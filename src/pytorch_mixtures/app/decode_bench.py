@@ -145,8 +145,10 @@ def layer_table(
     inner: int = 50,
     where: Where = CPU,
     tokens: tuple[int, ...] = (1, 8),
+    compile: bool = False,
 ) -> list[Row]:
-    """Decode-shaped calls of one layer (eval, no grad) against a dense SwiGLU."""
+    """Decode-shaped calls of one layer (eval, no grad) against a dense SwiGLU; with
+    ``compile`` also both under ``torch.compile(fullgraph=True)``."""
     torch.manual_seed(0)
     dim = size.dim
     dense = SwiGLU(dim, size.top_k * size.hidden).eval()
@@ -178,12 +180,25 @@ def layer_table(
         }
         if hf is not None:
             fns["hf mixtral"] = partial(hf, x)
+        what = f"layer, {count} token{'s' if count > 1 else ''}"
         with torch.no_grad():
             ratios, seconds = _interleaved(fns, "dense", repeats, inner, where)
-        values = {f"{name} x": ratio for name, ratio in ratios.items() if name != "dense"}
-        values |= {f"{name} us": 1e6 * s for name, s in seconds.items()}
-        rows.append((size.name, f"layer, {count} token{'s' if count > 1 else ''}", values))
+            rows.append((size.name, what, _layer_values(ratios, seconds)))
+            if compile:  # both compiled the same way, one graph each (the decode step's form)
+                torch._dynamo.reset()
+                mode = "reduce-overhead" if where.device.startswith("cuda") else None
+                fns = {
+                    name: partial(torch.compile(module, fullgraph=True, mode=mode), x)
+                    for name, module in (("dense", dense), ("moe", moe))
+                }
+                ratios, seconds = _interleaved(fns, "dense", repeats, inner, where)
+                rows.append((size.name, f"{what}, compiled", _layer_values(ratios, seconds)))
     return rows
+
+
+def _layer_values(ratios: dict[str, float], seconds: dict[str, float]) -> dict[str, float]:
+    values = {f"{name} x": ratio for name, ratio in ratios.items() if name != "dense"}
+    return values | {f"{name} us": 1e6 * s for name, s in seconds.items()}
 
 
 def _lm(size: DecodeSize, kind: str, where: Where = CPU) -> TransformerLM:
@@ -205,20 +220,32 @@ def generate_table(
     new_tokens: int = 32,
     where: Where = CPU,
     batches: tuple[int, ...] = (1, 8),
+    compile: bool = False,
 ) -> list[Row]:
-    """Time per generated token with the KV cache, MoE and MoD against dense, per batch."""
+    """Time per generated token with the KV cache, MoE and MoD against dense, per batch; with
+    ``compile`` also ``generate(compile=True)`` (static cache, compiled decode step) against
+    compiled dense, and each model's compiled speed-up over its eager decoding."""
     models = {kind: _lm(size, kind, where) for kind in ("dense", "moe", "mod")}
     rows: list[Row] = []
     for batch in batches:
         gen = torch.Generator().manual_seed(1)
         idx = torch.randint(0, 256, (batch, prompt), generator=gen).to(where.device)
-        fns: dict[str, Callable[[], object]] = {
-            kind: partial(model.generate, idx, new_tokens) for kind, model in models.items()
-        }
-        ratios, seconds = _interleaved(fns, "dense", repeats, 1, where)
-        values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
-        values |= {f"{kind} tok/s": batch * new_tokens / seconds[kind] for kind in models}
-        rows.append((size.name, f"generate, batch {batch}", values))
+        eager_seconds: dict[str, float] = {}
+        for compiled in (False, True) if compile else (False,):
+            if compiled:
+                torch._dynamo.reset()  # one graph per model, within the recompile limit
+            fns: dict[str, Callable[[], object]] = {
+                kind: partial(model.generate, idx, new_tokens, compile=compiled)
+                for kind, model in models.items()
+            }
+            ratios, seconds = _interleaved(fns, "dense", repeats, 1, where)
+            values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
+            values |= {f"{kind} tok/s": batch * new_tokens / seconds[kind] for kind in models}
+            if compiled:
+                values |= {f"{k} vs eager": eager_seconds[k] / seconds[k] for k in models}
+            eager_seconds = seconds
+            what = f"generate{', compiled' if compiled else ''}, batch {batch}"
+            rows.append((size.name, what, values))
     return rows
 
 

@@ -30,7 +30,15 @@ from ..experts import SwiGLUExperts
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
 
-__all__ = ["Block", "KVCache", "LMOutput", "ModelConfig", "SwiGLU", "TransformerLM"]
+__all__ = [
+    "Block",
+    "KVCache",
+    "LMOutput",
+    "ModelConfig",
+    "StaticKVCache",
+    "SwiGLU",
+    "TransformerLM",
+]
 
 ModelKind = Literal["dense", "moe", "mod", "mode"]
 MoDEVariant = Literal["staged", "integrated"]
@@ -200,6 +208,83 @@ class KVCache:
         return 0 if entry is None else int(entry[0].shape[2])
 
 
+class StaticKVCache:
+    """A :class:`KVCache` preallocated to ``max_len`` slots per layer, so shapes never change.
+
+    Per layer: ``k``/``v`` ``[B, H, max_len, Hd]``, ``pos`` ``[B, max_len]`` int64, ``valid``
+    ``[B, max_len]`` bool (False until written) and ``length`` a 0-dim int64 tensor, the slots
+    written. :meth:`append` writes this step's entries in place at ``length`` and returns the
+    whole buffers; attention masks the unwritten slots out (``valid``), so the result equals
+    :class:`KVCache`'s. Fixed shapes and in-place writes are what a compiled decode step needs:
+    it compiles once, and under CUDA graphs the buffers keep their addresses. A routed (MoD)
+    layer writes only the steps it runs, so its ``length`` may trail the other layers'.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch", batch),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("max_len", max_len),
+        ):
+            check_int(name, value)
+        self.max_len = max_len
+
+        def zeros(*shape: int, dtype: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.layers: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = [
+            (
+                zeros(batch, num_heads, max_len, head_dim),
+                zeros(batch, num_heads, max_len, head_dim),
+                zeros(batch, max_len, dtype=torch.long),
+                zeros(batch, max_len, dtype=torch.bool),
+                zeros(dtype=torch.long),
+            )
+            for _ in range(num_layers)
+        ]
+
+    def append(
+        self, layer: int, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Write this step's ``T`` entries at the layer's ``length``; return its full buffers."""
+        k_all, v_all, pos_all, valid_all, length = self.layers[layer]
+        num_new = k.shape[2]
+        if k.shape[0] != k_all.shape[0]:
+            raise ValueError(
+                f"cache: expected a batch of {k_all.shape[0]} rows (as the cache was built), "
+                f"got {k.shape[0]}"
+            )
+        # eager only (a host read): under torch.compile the caller bounds the length up front
+        if not torch.compiler.is_compiling() and int(length) + num_new > self.max_len:
+            raise ValueError(
+                f"cache: expected at most max_len={self.max_len} entries in layer {layer}, got "
+                f"{int(length) + num_new}"
+            )
+        slots_T = length + torch.arange(num_new, device=length.device)
+        k_all.index_copy_(2, slots_T, k.to(k_all.dtype))
+        v_all.index_copy_(2, slots_T, v.to(v_all.dtype))
+        pos_all.index_copy_(1, slots_T, pos)
+        valid_all.index_copy_(1, slots_T, valid)
+        length += num_new
+        return k_all, v_all, pos_all, valid_all
+
+    def length(self, layer: int) -> int:
+        """Slots written in layer ``layer`` (a host read)."""
+        return int(self.layers[layer][4])
+
+
 def rope(x_BHTd: Tensor, pos_BT: Tensor, theta: float) -> Tensor:
     """Rotate query/key pairs by angles ``pos * theta^(-2i/Hd)`` (Su et al. 2021), in float32."""
     head_dim = x_BHTd.shape[-1]
@@ -221,7 +306,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(
-        self, x_BTD: Tensor, pos_BT: Tensor, valid_BT: Tensor | None, cache: KVCache | None
+        self,
+        x_BTD: Tensor,
+        pos_BT: Tensor,
+        valid_BT: Tensor | None,
+        cache: KVCache | StaticKVCache | None,
     ) -> Tensor:
         batch, seq_len, dim = x_BTD.shape
         head_dim = dim // self.num_heads
@@ -297,7 +386,7 @@ class Block(nn.Module):
         x: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
@@ -362,7 +451,7 @@ class TransformerLM(nn.Module):
         targets: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> LMOutput:
         """``idx`` ``[B, T]`` int64 tokens; ``targets`` ``[B, T]`` (-100 = ignore)."""
         if idx.dim() != 2 or idx.dtype != torch.long:
@@ -405,6 +494,38 @@ class TransformerLM(nn.Module):
                 total -= expert_params - expert_params * k // module.num_experts
         return total
 
+    def new_static_cache(
+        self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
+    ) -> StaticKVCache:
+        """A preallocated cache for ``batch`` rows of up to ``max_len`` (default
+        ``max_seq_len``) positions, on the model's device and (default) dtype."""
+        weight = self.embed.weight
+        return StaticKVCache(
+            self.config.num_layers,
+            batch,
+            self.config.num_heads,
+            self.config.dim // self.config.num_heads,
+            self.config.max_seq_len if max_len is None else max_len,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device,
+        )
+
+    def _last_logits(
+        self,
+        idx_BT: Tensor,
+        mask_BT: Tensor | None,
+        pos_BT: Tensor,
+        cache: KVCache | StaticKVCache | None,
+    ) -> Tensor:
+        """The next-token logits ``[B, V]`` after ``idx_BT``: :meth:`forward` without its input
+        checks (``generate`` checked the prompt; what it appends is valid by construction) and
+        with the head on the last position only. The function ``compile=True`` compiles."""
+        x = self.embed(idx_BT)
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask_BT, position_ids=pos_BT, cache=cache)
+        logits_BV: Tensor = self.head(self.norm(x[:, -1]))
+        return logits_BV
+
     @torch.no_grad()
     def generate(
         self,
@@ -415,20 +536,34 @@ class TransformerLM(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         use_cache: bool = True,
+        static_cache: bool = False,
+        compile: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Continue ``idx`` ``[B, T]`` by ``max_new_tokens`` tokens -> ``[B, T + new]``.
 
         Runs in eval mode (restored afterwards). ``attention_mask`` marks left padding (0).
-        ``temperature=0`` is greedy. With ``use_cache`` each step feeds only the new token.
+        ``temperature=0`` is greedy. With ``use_cache`` each step feeds only the new token;
+        ``static_cache`` preallocates it (:class:`StaticKVCache`, sized to the prompt plus
+        ``max_new_tokens``) so every decode step has the same shapes; ``compile`` (implies
+        ``static_cache``) runs the decode steps through one ``torch.compile(fullgraph=True)``
+        graph, with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA. The prompt (prefill)
+        runs eagerly. Greedy outputs equal the eager dynamic-cache ones.
         """
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
             got = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"idx: expected a [B, T] prompt with T >= 1, got {got}")
+        if idx.dtype != torch.long:
+            raise ValueError(f"idx: expected an int64 tensor [B, T], got {idx.dtype}")
         check_int("max_new_tokens", max_new_tokens, low=0)
         if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:  # NaN too
             raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
         check_flag("use_cache", use_cache)
+        check_flag("static_cache", static_cache)
+        check_flag("compile", compile)
+        if (static_cache or compile) and not use_cache:
+            flag = "compile" if compile else "static_cache"
+            raise ValueError(f"{flag}: expected use_cache=True (it needs the cache), got False")
         if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"max_new_tokens: expected at most {self.config.max_seq_len - idx.shape[1]} "
@@ -436,6 +571,7 @@ class TransformerLM(nn.Module):
             )
         if top_k is not None:
             check_int("top_k", top_k, 1, self.config.vocab_size)
+        _check_lm_inputs(idx, None, attention_mask, None, self.config.vocab_size)
         was_training = self.training
         self.eval()
         try:
@@ -445,22 +581,30 @@ class TransformerLM(nn.Module):
                 else attention_mask.bool()
             )
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-            cache = self.new_cache() if use_cache else None
-            step_idx, step_mask, step_pos = idx, mask, pos
-            for _ in range(max_new_tokens):
-                logits = self(
-                    step_idx, attention_mask=step_mask, position_ids=step_pos, cache=cache
-                )
-                next_B1 = _sample(logits.logits[:, -1].float(), temperature, top_k, generator)
-                idx = torch.cat([idx, next_B1], dim=1)
-                new_pos = pos[:, -1:] + 1
+            cache: KVCache | StaticKVCache | None = None
+            if static_cache or compile:
+                cache = self.new_static_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+            elif use_cache:
+                cache = self.new_cache()
+            step = self._last_logits
+            if compile:
+                mode = "reduce-overhead" if idx.device.type == "cuda" else None
+                step = torch.compile(self._last_logits, fullgraph=True, dynamic=False, mode=mode)
+            out = [idx]
+            logits_BV = self._last_logits(idx, mask, pos, cache)  # the prefill, eager
+            for i in range(max_new_tokens):
+                next_B1 = _sample(logits_BV.float(), temperature, top_k, generator)
+                out.append(next_B1)
+                if i == max_new_tokens - 1:
+                    break
+                new_pos_B1 = pos[:, -1:] + 1
+                pos = torch.cat([pos, new_pos_B1], dim=1)
                 mask = torch.cat([mask, torch.ones_like(next_B1, dtype=torch.bool)], dim=1)
-                pos = torch.cat([pos, new_pos], dim=1)
-                if cache is not None:
-                    step_idx, step_mask, step_pos = next_B1, mask[:, -1:], new_pos
+                if cache is not None:  # a generated token is never padding: no mask
+                    logits_BV = step(next_B1, None, new_pos_B1, cache)
                 else:
-                    step_idx, step_mask, step_pos = idx, mask, pos
-            return idx
+                    logits_BV = self._last_logits(torch.cat(out, dim=1), mask, pos, None)
+            return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
 

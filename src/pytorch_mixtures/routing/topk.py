@@ -279,10 +279,11 @@ class TopKRouter(Router):
         self.jitter_noise = jitter
         self.balance_loss_coef = check_nonnegative_float("balance_loss_coef", balance_loss_coef)
         self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
-        if top_k == 1 and normalize_weights and score_func == "softmax":
+        if top_k == 1 and normalize_weights:  # one score divided by itself, softmax or sigmoid
             warnings.warn(
                 "TopKRouter(top_k=1, normalize_weights=True): every weight is 1, so the router "
-                "learns only from the aux losses; Switch-style top-1 uses normalize_weights=False",
+                f"learns only from the aux losses (score_func={score_func!r}); Switch-style "
+                "top-1 uses normalize_weights=False",
                 stacklevel=2,
             )
         self.schemes = TopKSchemes.validated(
