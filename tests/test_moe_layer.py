@@ -491,3 +491,60 @@ def test_decode_path_is_skipped_where_it_cannot_apply():
         assert calls == [1]  # and the spy does see a decode-path call
     finally:
         pm.dispatch.run_chosen_experts = original
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 9])  # N * K <= E: gathered; beyond: all experts
+def test_chosen_forward_matches_one_expert_at_a_time(kind, num_tokens):
+    """The compiled decode path's expert call, run eagerly: each (token, chosen id) output and
+    every gradient equal a loop calling one expert on one token."""
+    torch.manual_seed(num_tokens)
+    experts = make_experts(kind).double()
+    x = torch.randn(num_tokens, DIM, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, EXPERTS, (num_tokens, 2))
+    params = list(experts.parameters())
+    got, g_got = run_and_grad(lambda t: experts.chosen_forward(t, ids), x, params)
+
+    def naive(t):
+        rows = [
+            torch.stack([experts.expert_forward(int(e), t[n : n + 1])[0] for e in ids[n]])
+            for n in range(num_tokens)
+        ]
+        return torch.stack(rows)
+
+    want, g_want = run_and_grad(naive, x, params)
+    assert got.shape == (num_tokens, 2, DIM)
+    assert_same(got, want, g_got, g_want)
+
+
+@pytest.mark.parametrize(("shape", "noop"), [((1, 1), 0), ((3, 1), 2), ((2, 3), 0)])
+def test_compiled_decode_path_matches_eager(shape, noop):
+    """Under torch.compile(fullgraph) an eval call of few tokens takes the static decode path
+    (no plan, no host read of the ids): the output equals eager's and the naive reference's,
+    and the aux losses and stats read afterwards are the full path's."""
+    torch.manual_seed(shape[0] + noop)
+    router = pm.TopKRouter(DIM, EXPERTS + noop, 2, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts("swiglu"), num_noop_experts=noop).eval()
+    x = torch.randn(*shape, DIM)
+    with torch.no_grad():
+        want = moe(x)
+        eager_aux, eager_counts = moe.aux_loss, moe.stats.tokens_per_expert
+        traced = []
+        original = moe.experts.chosen_forward
+
+        def spy(*args):
+            traced.append(args[1].shape)
+            return original(*args)
+
+        moe.experts.chosen_forward = spy
+        torch._dynamo.reset()
+        got = torch.compile(moe, fullgraph=True)(x)
+    assert traced == [(shape[0] * shape[1], 2)]  # the static decode path is what compiled
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe.aux_loss, eager_aux)
+    assert torch.equal(moe.stats.tokens_per_expert, eager_counts)
+    if noop == 0:
+        want_ref, _ = naive_topk_moe(
+            x.reshape(-1, DIM), router.gate.weight.detach(), expert_fns(moe.experts), 2
+        )
+        torch.testing.assert_close(got.reshape(-1, DIM), want_ref, rtol=1e-5, atol=1e-6)

@@ -50,6 +50,7 @@ __all__ = [
     "resolve_backend",
     "segment_swiglu",
     "use_decode_path",
+    "use_static_decode_path",
 ]
 
 #: slots (tokens * top_k) up to which an eval call takes the decode path by default. Measured
@@ -57,6 +58,8 @@ __all__ = [
 #: 0.26-0.68x the plan path's time up to 512 slots at dim 128 / width 256, 0.44-0.94x at dim
 #: 512 / width 1024, and breaks even near 2,000-8,000 slots (README, "Performance")
 DECODE_MAX_SLOTS = 512
+#: under torch.compile, slots per expert up to which an eval call takes the compiled decode path
+STATIC_DECODE_SLOTS_PER_EXPERT = 4
 
 Backend = Literal["auto", "loop", "grouped_mm", "bmm"]
 ConcreteBackend = Literal["loop", "grouped_mm", "bmm"]
@@ -146,6 +149,15 @@ def use_decode_path(num_slots: int, device: torch.device, max_slots: int) -> boo
     (beyond, one plan and one grouped pass over sorted rows is cheaper), and never under
     ``torch.compile`` (the loop depends on the ids' values)."""
     return device.type == "cpu" and 0 < num_slots <= max_slots and not _is_compiling()
+
+
+def use_static_decode_path(num_slots: int, num_experts: int, max_slots: int) -> bool:
+    """Under ``torch.compile``: whether an eval call of ``num_slots`` routed slots takes the
+    compiled decode path (the experts' ``chosen_forward``: fixed shapes, no host sync) rather
+    than the plan. Up to ``STATIC_DECODE_SLOTS_PER_EXPERT * num_experts`` slots (and never
+    above ``max_slots``): past that the all-experts form computes too much."""
+    bound = min(max_slots, STATIC_DECODE_SLOTS_PER_EXPERT * num_experts)
+    return 0 < num_slots <= bound
 
 
 def _round_up(value: int, multiple: int) -> int:

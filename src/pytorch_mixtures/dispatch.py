@@ -180,6 +180,17 @@ def run_experts(
     return combine(y_sorted_SD, plan), plan
 
 
+def _run_chosen_static(
+    experts: ExpertsBase, x_ND: Tensor, expert_ids_NK: Tensor, weights_NK: Tensor
+) -> Tensor:
+    """:func:`run_chosen_experts` for ``torch.compile`` (and CUDA graphs): the experts'
+    ``chosen_forward`` on every slot, no-op experts' slots masked to weight 0."""
+    real_NK = expert_ids_NK < experts.num_experts
+    y_NKD = experts.chosen_forward(x_ND, torch.where(real_NK, expert_ids_NK, 0))
+    weights_NK = torch.where(real_NK, weights_NK, 0.0).to(y_NKD.dtype)
+    return (y_NKD * weights_NK[..., None]).sum(1)
+
+
 def run_chosen_experts(
     experts: ExpertsBase, x_ND: Tensor, expert_ids_NK: Tensor, weights_NK: Tensor
 ) -> Tensor:
@@ -192,6 +203,8 @@ def run_chosen_experts(
     """
     num_tokens, top_k = expert_ids_NK.shape
     real = experts.num_experts
+    if torch.compiler.is_compiling():  # static shapes, the ids never read on the host
+        return _run_chosen_static(experts, x_ND, expert_ids_NK, weights_NK)
     if num_tokens == 1:  # one token: no gathers, the k outputs summed directly
         chosen = expert_ids_NK[0].tolist()
         if not torch.is_grad_enabled():  # plain-float weights: one add per expert

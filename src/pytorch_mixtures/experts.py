@@ -88,6 +88,19 @@ class ExpertsBase(nn.Module):
         """Whether :meth:`expert_forward` is implemented (the decode path needs it)."""
         return type(self).expert_forward is not ExpertsBase.expert_forward
 
+    def chosen_forward(self, x_ND: Tensor, expert_ids_NK: Tensor) -> Tensor:
+        """Each token through each of its K chosen experts, ``[N, D]``, ``[N, K]`` int64 ids
+        (all ``< E``) -> ``[N, K, D]`` unweighted, in shapes fixed by ``N`` and ``K`` alone and
+        with no host read of the ids: the compiled decode path
+        (:func:`pytorch_mixtures.dispatch.run_chosen_experts` under ``torch.compile``).
+        Optional; stacked experts implement it."""
+        raise NotImplementedError(f"{type(self).__name__} implements no chosen_forward")
+
+    @property
+    def static_chosen_calls(self) -> bool:
+        """Whether :meth:`chosen_forward` is implemented (the compiled decode path needs it)."""
+        return type(self).chosen_forward is not ExpertsBase.chosen_forward
+
     def resolve_backend(self, x: Tensor, max_rows_per_expert: int | None) -> ConcreteBackend:
         """The concrete backend for a call on ``x`` (``"auto"`` resolved, choices checked)."""
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
@@ -280,6 +293,15 @@ class MLPExperts(ExpertsBase):
         hidden = rows.linear(self.w_in, self.b_in).map(self._act)
         return hidden.linear(self.w_out, self.b_out).rows()
 
+    def chosen_forward(self, x_ND: Tensor, expert_ids_NK: Tensor) -> Tensor:
+        dtype = compute_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+        b_in = None if self.b_in is None else self.b_in.to(dtype)
+        b_out = None if self.b_out is None else self.b_out.to(dtype)
+        return _chosen_stacked(
+            x_ND, expert_ids_NK, self.w_in.to(dtype), self.w_out.to(dtype), self._act, b_in, b_out
+        )
+
     def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
         dtype = compute_dtype(x_nD)
         x_nD = x_nD.to(dtype)
@@ -297,6 +319,42 @@ class MLPExperts(ExpertsBase):
             f"activation={self.activation!r}, bias={self.b_in is not None}, "
             f"backend={self.backend!r}"
         )
+
+
+def _chosen_stacked(
+    x_ND: Tensor,
+    expert_ids_NK: Tensor,
+    w_in_EDF: Tensor,
+    w_out_EHD: Tensor,
+    act: Callable[[Tensor], Tensor],
+    b_in_EF: Tensor | None = None,
+    b_out_ED: Tensor | None = None,
+) -> Tensor:
+    """``act(x @ w_in[id] + b_in[id]) @ w_out[id] + b_out[id]`` per token and chosen id,
+    ``[N, K, D]`` (F is the first projection's width: H, or 2H for a gated pair).
+
+    Written as broadcast products summed over the contracted dim, not as matmuls of
+    ``w[ids]``: under ``torch.compile`` the gather fuses into the reduction, so only the chosen
+    experts' weights are read and none is copied. That only pays while the slots are few:
+    with more slots than experts every expert runs once on every token instead (each weight
+    read once, shapes still fixed) and the chosen outputs are picked. Eager PyTorch would
+    materialise the gathered weights: only the compiled decode path calls this.
+    """
+    num_tokens, top_k = expert_ids_NK.shape
+    if num_tokens * top_k <= w_in_EDF.shape[0]:
+        h_NKF = (x_ND[:, None, :, None] * w_in_EDF[expert_ids_NK]).sum(2)
+        if b_in_EF is not None:
+            h_NKF = h_NKF + b_in_EF[expert_ids_NK]
+        y_NKD = (act(h_NKF)[..., None] * w_out_EHD[expert_ids_NK]).sum(2)
+        return y_NKD if b_out_ED is None else y_NKD + b_out_ED[expert_ids_NK]
+    h_ENF = torch.matmul(x_ND, w_in_EDF)  # [N, D] @ [E, D, F] -> [E, N, F]
+    if b_in_EF is not None:
+        h_ENF = h_ENF + b_in_EF[:, None, :]
+    y_END = torch.bmm(act(h_ENF), w_out_EHD)
+    if b_out_ED is not None:
+        y_END = y_END + b_out_ED[:, None, :]
+    tokens_NK = torch.arange(num_tokens, device=x_ND.device)[:, None].expand_as(expert_ids_NK)
+    return y_END[expert_ids_NK, tokens_NK]
 
 
 def _swiglu(gate_up_n2H: Tensor) -> Tensor:
@@ -364,6 +422,13 @@ class SwiGLUExperts(ExpertsBase):
         dtype = compute_dtype(x_nD)
         gate_up_n2H = torch.mm(x_nD.to(dtype), self.w_gate_up[index].to(dtype))
         return torch.mm(_swiglu(gate_up_n2H), self.w_down[index].to(dtype))
+
+    def chosen_forward(self, x_ND: Tensor, expert_ids_NK: Tensor) -> Tensor:
+        dtype = compute_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+        return _chosen_stacked(
+            x_ND, expert_ids_NK, self.w_gate_up.to(dtype), self.w_down.to(dtype), _swiglu
+        )
 
     def _segment_swiglu(
         self, x: Tensor, counts_E: Tensor, row_weights_S: Tensor | None, rows_S: Tensor | None

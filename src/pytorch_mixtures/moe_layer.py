@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
-from .backends import DECODE_MAX_SLOTS, use_decode_path
+from .backends import DECODE_MAX_SLOTS, use_decode_path, use_static_decode_path
 from .checks import (
     call_user_module,
     check_capacity_factor,
@@ -198,9 +198,17 @@ class MoELayer(AuxLossModule):
     def _decode_decision(self, x_ND: Tensor) -> Decision | None:
         """The router's decode-path routing when this call takes the decode path, else None."""
         top_k = getattr(self.router, "top_k", None)
-        if self.training or top_k is None or not self.experts.single_expert_calls:
+        if self.training or top_k is None:
             return None
-        if not use_decode_path(x_ND.shape[0] * top_k, x_ND.device, self.decode_max_slots):
+        num_slots = x_ND.shape[0] * top_k
+        if torch.compiler.is_compiling():
+            if not self.experts.static_chosen_calls or not use_static_decode_path(
+                num_slots, self.experts.num_experts, self.decode_max_slots
+            ):
+                return None
+        elif not self.experts.single_expert_calls or not use_decode_path(
+            num_slots, x_ND.device, self.decode_max_slots
+        ):
             return None
         if self.experts._forward_hooks or self.experts._forward_pre_hooks:
             return None  # hooks (pruning, ...) run only through the experts' __call__

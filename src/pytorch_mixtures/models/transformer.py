@@ -254,6 +254,11 @@ class StaticKVCache:
             )
             for _ in range(num_layers)
         ]
+        # fixed addresses: CUDA graphs (mode="reduce-overhead") then keep the in-place writes in
+        # the graph instead of skipping it for mutating its inputs
+        for buffers in self.layers:
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
 
     def append(
         self, layer: int, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor
