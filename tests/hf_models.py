@@ -25,3 +25,83 @@ def tiny_llama(
     if attn is not None:
         config._attn_implementation = attn
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma(vocab_size: int, *, seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A 2-layer Gemma (GeGLU MLPs: ``gelu_pytorch_tanh``) in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GemmaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return transformers.GemmaForCausalLM(config).eval()
+
+
+# config class, model class, and the config keys of each sparse-MoE decoder family
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {"num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "moe_intermediate_size": 16, "norm_topk_prob": True, "head_dim": 8},
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {"num_experts": 4, "eos_token_id": 1, "pad_token_id": 1},
+    ),
+}
+
+
+def tiny_moe_lm(
+    family: str,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    top_k: int = 2,
+    hidden_act: str = "silu",
+    router_std: float = 0.5,
+) -> nn.Module:
+    """A tiny random sparse-MoE causal LM of ``family`` (see :data:`MOE_FAMILIES`), eval mode.
+
+    Router weights get a larger std than the model's init, so routing is far from uniform and
+    the balance losses tell layers and masks apart.
+    """
+    import transformers
+
+    config_name, model_name, extra = MOE_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=top_k,
+        hidden_act=hidden_act,
+        router_aux_loss_coef=0.02,
+        **extra,
+    )
+    model = getattr(transformers, model_name)(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.dim() == 2 and "shared" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * router_std)
+    return model.eval()

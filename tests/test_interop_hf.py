@@ -28,7 +28,9 @@ def randomize(module: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
     return module.eval()
 
 
-def mixtral_block(dim: int, hidden: int, experts: int, top_k: int, seed: int) -> nn.Module:
+def mixtral_block(
+    dim: int, hidden: int, experts: int, top_k: int, seed: int, act: str = "silu"
+) -> nn.Module:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = transformers.MixtralConfig(
@@ -36,6 +38,7 @@ def mixtral_block(dim: int, hidden: int, experts: int, top_k: int, seed: int) ->
         intermediate_size=hidden,
         num_local_experts=experts,
         num_experts_per_tok=top_k,
+        hidden_act=act,
     )
     config._experts_implementation = "eager"
     return randomize(MixtralSparseMoeBlock(config), seed)
@@ -55,10 +58,13 @@ def qwen3_block(dim: int, hidden: int, experts: int, top_k: int, norm: bool, see
     return randomize(Qwen3MoeSparseMoeBlock(config), seed)
 
 
-def qwen2_block(dim: int, hidden: int, shared: int, experts: int, top_k: int, norm: bool, seed):
+def qwen2_block(
+    dim: int, hidden: int, shared: int, experts: int, top_k: int, norm: bool, seed, act="silu"
+):
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     config = transformers.Qwen2MoeConfig(
+        hidden_act=act,
         hidden_size=dim,
         moe_intermediate_size=hidden,
         shared_expert_intermediate_size=shared,
@@ -356,6 +362,82 @@ def test_bad_inputs_name_the_argument():
     )
     with pytest.raises(ValueError, match=r"router\.classifier\.bias: expected None"):
         pm.interop.from_hf(SwitchTransformersSparseMLP(config))
-    block.experts.act_fn = nn.GELU()
-    with pytest.raises(ValueError, match="act_fn: expected silu"):
+    # GELU experts convert now (GeGLU); learned or unknown activations are refused by name
+    block.experts.act_fn = nn.PReLU()
+    with pytest.raises(ValueError, match=r"block\.experts\.act_fn: .* PReLU with learned"):
         pm.interop.from_hf(block)
+    block.experts.act_fn = nn.Softsign()
+    with pytest.raises(ValueError, match=r"block\.experts\.act_fn: expected one of .* Softsign"):
+        pm.interop.from_hf(block)
+    gelu_moe = pm.interop.from_hf(mixtral_block(16, 8, 4, 2, seed=0, act="gelu"))
+    with pytest.raises(ValueError, match=r"moe\.experts\.activation: expected 'silu' .* 'gelu'"):
+        pm.interop.to_hf(gelu_moe, like=mixtral_block(16, 8, 4, 2, seed=0))
+
+
+# every parameter-free activation of transformers' ACT2FN (prelu and xielu learn parameters)
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_10": "gelu_10",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_python": "gelu",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "hardswish": "hardswish",
+    "laplace": "laplace",
+    "leaky_relu": "leaky_relu",
+    "linear": "identity",
+    "mish": "mish",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+    "relu2": "relu2",
+    "relu6": "relu6",
+    "sigmoid": "sigmoid",
+    "silu": "silu",
+    "sqrtsoftplus": "sqrtsoftplus",
+    "swish": "silu",
+    "tanh": "tanh",
+}
+
+
+def test_activation_table_covers_transformers_act2fn():
+    from transformers.activations import ACT2FN
+
+    assert set(ACT2FN) - set(HF_ACTIVATIONS) == {"prelu", "xielu"}
+
+
+@pytest.mark.parametrize("hidden_act", sorted(HF_ACTIVATIONS))
+def test_mixtral_block_with_each_transformers_activation(hidden_act):
+    block = mixtral_block(16, 12, 4, 2, seed=5, act=hidden_act)
+    moe = pm.interop.from_hf(block)
+    assert moe.experts.activation == HF_ACTIVATIONS[hidden_act]
+    # the fused CPU SwiGLU kernel stays for SiLU only
+    x = torch.randn(10, 16)
+    assert moe.experts.fuses_combine(x, "loop") == (HF_ACTIVATIONS[hidden_act] == "silu")
+    assert_block_equivalent(block, moe, (2, 5, 16), *fused_params(block, moe))
+    for backend in ("loop", "grouped_mm"):
+        moe.experts.backend = backend
+        assert_block_equivalent(block, moe, (3, 4, 16), *fused_params(block, moe))
+    back = pm.interop.to_hf(moe, like=block)
+    for key, value in block.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("hidden_act", ["prelu", "xielu"])
+def test_activations_with_learned_parameters_are_refused(hidden_act):
+    with pytest.raises(ValueError, match=r"block\.experts\.act_fn: .* with learned parameters"):
+        pm.interop.from_hf(mixtral_block(16, 12, 4, 2, seed=5, act=hidden_act))
+
+
+def test_qwen2_moe_geglu_experts_and_shared_expert_round_trip():
+    block = qwen2_block(16, 8, 12, 4, 2, True, seed=21, act="gelu_pytorch_tanh")
+    moe = pm.interop.from_hf(block)
+    assert moe.experts.activation == moe.shared_experts.activation == "gelu_tanh"
+    hf, ours = shared_params(block, moe, "shared_expert")
+    hf.append(block.shared_expert_gate.weight)
+    ours.append((moe.shared_expert_gate.weight, lambda g: g))
+    assert_block_equivalent(block, moe, (2, 5, 16), hf, ours)
+    back = pm.interop.to_hf(moe, like=block)
+    for key, value in block.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key

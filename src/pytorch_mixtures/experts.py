@@ -46,13 +46,59 @@ def _gelu_tanh(t: Tensor) -> Tensor:
     return F.gelu(t, approximate="tanh")
 
 
-# module-level functions, not lambdas: experts must pickle and deepcopy
+def _gelu_10(t: Tensor) -> Tensor:
+    # transformers' "gelu_10": GELU clipped to [-10, 10] (for int8 quantization)
+    return torch.clip(F.gelu(t), -10.0, 10.0)
+
+
+def _quick_gelu(t: Tensor) -> Tensor:
+    return t * torch.sigmoid(1.702 * t)
+
+
+def _relu2(t: Tensor) -> Tensor:
+    # squared ReLU (So et al. 2021, Primer)
+    return F.relu(t).square()
+
+
+def _laplace(t: Tensor) -> Tensor:
+    # transformers' "laplace" (MEGA): 0.5 * (1 + erf((x - mu) / (sigma * sqrt 2)))
+    return 0.5 * (1.0 + torch.erf((t - 0.707107) / (0.282095 * math.sqrt(2.0))))
+
+
+def _sqrt_softplus(t: Tensor) -> Tensor:
+    return F.softplus(t).sqrt()
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+# module-level functions, not lambdas: experts must pickle and deepcopy. The names beyond the
+# first four are those of transformers' ACT2FN, so converted models keep their activation.
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": _gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
+    "gelu_10": _gelu_10,
+    "hardswish": F.hardswish,
+    "identity": _identity,
+    "laplace": _laplace,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+    "quick_gelu": _quick_gelu,
+    "relu2": _relu2,
+    "relu6": F.relu6,
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": _sqrt_softplus,
+    "tanh": torch.tanh,
 }
+
+
+def _check_activation(activation: object) -> str:
+    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    return activation
 
 
 class ExpertsBase(nn.Module):
@@ -239,7 +285,9 @@ class MLPExperts(ExpertsBase):
         num_experts: E.
         dim: D.
         hidden_dim: H.
-        activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+        activation: ``"gelu"`` (default), ``"gelu_tanh"``, ``"relu"``, ``"silu"``, or one of
+            transformers' activation names (``"quick_gelu"``, ``"relu2"``, ``"mish"``, ...:
+            ``experts._ACTIVATIONS``).
         bias: whether the two projections have biases.
         backend: grouped-matmul backend, ``"auto"`` (default), ``"loop"``, ``"grouped_mm"``
             or ``"bmm"`` (see :mod:`pytorch_mixtures.backends`); may be changed later by
@@ -261,11 +309,7 @@ class MLPExperts(ExpertsBase):
         self.num_experts = check_int("num_experts", num_experts)
         self.dim = check_int("dim", dim)
         self.hidden_dim = check_int("hidden_dim", hidden_dim)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
-            )
-        self.activation = activation
+        self.activation = _check_activation(activation)
         self._act = _ACTIVATIONS[activation]
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -364,7 +408,13 @@ def _swiglu(gate_up_n2H: Tensor) -> Tensor:
 
 
 class SwiGLUExperts(ExpertsBase):
-    """E SwiGLU FFNs ``(silu(x @ W_gate[e]) * (x @ W_up[e])) @ W_down[e]`` (Shazeer 2020).
+    """E gated FFNs ``(act(x @ W_gate[e]) * (x @ W_up[e])) @ W_down[e]`` (Shazeer 2020).
+
+    With the default ``activation="silu"`` these are SwiGLU experts (Llama, Mixtral); another
+    activation gives the other GLU variants, e.g. ``"gelu"`` / ``"gelu_tanh"`` for GeGLU
+    (Gemma, a Mixtral config with ``hidden_act="gelu"``). The fused CPU kernel
+    (:func:`pytorch_mixtures.kernels.segment_swiglu`, which also fuses the combine) is SiLU
+    only; other activations run the same stacked matmuls through the grouped-rows path.
 
     Parameters: ``w_gate_up`` ``[E, D, 2H]`` (gate in the first H columns, up in the last H:
     one matmul instead of two) and ``w_down`` ``[E, H, D]``; no biases (Llama/Mixtral style).
@@ -373,22 +423,39 @@ class SwiGLUExperts(ExpertsBase):
         num_experts: E.
         dim: D.
         hidden_dim: H.
+        activation: the gate's activation, a name of :class:`MLPExperts`' list (default
+            ``"silu"``).
         backend: grouped-matmul backend, ``"auto"`` (default), ``"loop"``, ``"grouped_mm"``
             or ``"bmm"`` (see :mod:`pytorch_mixtures.backends`); may be changed later by
             assigning ``experts.backend``.
     """
 
     def __init__(
-        self, num_experts: int, dim: int, hidden_dim: int, *, backend: Backend = "auto"
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        *,
+        activation: str = "silu",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.backend: Backend = check_backend(backend)
         self.num_experts = check_int("num_experts", num_experts)
         self.dim = check_int("dim", dim)
         self.hidden_dim = check_int("hidden_dim", hidden_dim)
+        self.activation = _check_activation(activation)
+        self._act = _ACTIVATIONS[self.activation]
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
+
+    def _glu(self, gate_up_n2H: Tensor) -> Tensor:
+        """``act(gate) * up`` of ``[..., 2H]`` rows (gate first): ``[..., H]``."""
+        if self.activation == "silu":
+            return _swiglu(gate_up_n2H)
+        hidden = gate_up_n2H.shape[-1] // 2
+        return self._act(gate_up_n2H[..., :hidden]) * gate_up_n2H[..., hidden:]
 
     def reset_parameters(self) -> None:
         _init_stacked(self.w_gate_up, self.dim)
@@ -406,28 +473,29 @@ class SwiGLUExperts(ExpertsBase):
             return self._segment_swiglu(
                 x, tokens_per_expert_E, combine_plan.weights, combine_plan.token_rows
             )
-        if backend == "loop":
+        if backend == "loop" and self.activation == "silu":
             return self._segment_swiglu(x, tokens_per_expert_E, None, None)
         rows = group_rows(x, tokens_per_expert_E, backend, max_rows_per_expert)
-        return rows.linear(self.w_gate_up).map(_swiglu).linear(self.w_down).rows()
+        return rows.linear(self.w_gate_up).map(self._glu).linear(self.w_down).rows()
 
     def fuses_combine(self, x_ND: Tensor, backend: ConcreteBackend) -> bool:
-        """True for the ``"loop"`` backend on CPU (elsewhere the adds into token rows would be
-        atomic, so not deterministic), unless a subclass replaced the computation."""
+        """True for SiLU experts on the ``"loop"`` backend on CPU (elsewhere the adds into token
+        rows would be atomic, so not deterministic; the fused kernel is SiLU only), unless a
+        subclass replaced the computation."""
         if type(self).run is not SwiGLUExperts.run or type(self).forward is not ExpertsBase.forward:
             return False  # a subclass's computation may not know fused plans
-        return backend == "loop" and x_ND.device.type == "cpu"
+        return self.activation == "silu" and backend == "loop" and x_ND.device.type == "cpu"
 
     def expert_forward(self, index: int, x_nD: Tensor) -> Tensor:
         dtype = compute_dtype(x_nD)
         gate_up_n2H = torch.mm(x_nD.to(dtype), self.w_gate_up[index].to(dtype))
-        return torch.mm(_swiglu(gate_up_n2H), self.w_down[index].to(dtype))
+        return torch.mm(self._glu(gate_up_n2H), self.w_down[index].to(dtype))
 
     def chosen_forward(self, x_ND: Tensor, expert_ids_NK: Tensor) -> Tensor:
         dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         return _chosen_stacked(
-            x_ND, expert_ids_NK, self.w_gate_up.to(dtype), self.w_down.to(dtype), _swiglu
+            x_ND, expert_ids_NK, self.w_gate_up.to(dtype), self.w_down.to(dtype), self._glu
         )
 
     def _segment_swiglu(
@@ -448,7 +516,7 @@ class SwiGLUExperts(ExpertsBase):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-            f"backend={self.backend!r}"
+            f"activation={self.activation!r}, backend={self.backend!r}"
         )
 
 

@@ -1,6 +1,10 @@
 """Hugging Face ``transformers`` interop: convert MoE blocks both ways, upcycle dense models.
 
-* :func:`from_hf` / :func:`to_hf`: a ``transformers`` sparse-MoE block <-> :class:`MoELayer`.
+* :func:`from_hf` / :func:`to_hf`: a ``transformers`` sparse-MoE block <-> :class:`MoELayer`
+  (an :class:`HFMoELayer`, which records its router logits as the block did);
+  :func:`from_hf_model` converts every block of a model in place.
+* :func:`route_attention_mask`: hand the model's ``attention_mask`` to its MoE layers (the
+  decoder layers call their MLP without it), so padding is neither routed nor counted.
 * :func:`moeify`: replace a dense model's MLPs with upcycled MoE layers (Komatsuzaki et al.
   2022), in place.
 * :func:`route_depths`: wrap a decoder's layers in Mixture-of-Depths (Raposo et al. 2024).
@@ -12,15 +16,20 @@ imports it: the functions work on the modules you pass in.
 """
 
 from .depths import MoDDecoderLayer, route_depths
-from .hf import SwiGLUMLP, from_hf, supported_blocks, to_hf
+from .hf import SwiGLUMLP, from_hf, from_hf_model, supported_blocks, to_hf
+from .hf_layer import HFMoELayer, MaskRouting, route_attention_mask
 from .upcycle import attach_aux_loss, moeify
 
 __all__ = [
+    "HFMoELayer",
+    "MaskRouting",
     "MoDDecoderLayer",
     "SwiGLUMLP",
     "attach_aux_loss",
     "from_hf",
+    "from_hf_model",
     "moeify",
+    "route_attention_mask",
     "route_depths",
     "supported_blocks",
     "to_hf",

@@ -27,6 +27,15 @@ Hugging Face block                  library layer
                                     ReLU/GELU ``MLPExperts``; see the capacity note below
 ==================================  ==========================================================
 
+Inside a model the converted layer is an :class:`~pytorch_mixtures.interop.HFMoELayer`: it
+records its router logits where ``transformers`` looks for the block's (so
+``output_router_logits=True`` gives ``transformers``' own ``outputs.router_logits``,
+``outputs.aux_loss`` and loss), and its own aux-loss coefficients default to 0 so that loss is
+not counted twice. :func:`from_hf_model` converts every block of a model and hands the model's
+attention mask to the layers (padding neither routed nor counted). Gated experts keep the
+block's activation (``hidden_act``: SiLU -> SwiGLU, GELU -> GeGLU, any parameter-free
+``ACT2FN`` activation).
+
 Known differences (all outside float32 eval-mode forward, where outputs match):
 
 * Mixtral's ``router_jitter_noise`` multiplies the hidden states of both router and experts
@@ -42,8 +51,8 @@ Known differences (all outside float32 eval-mode forward, where outputs match):
   averages per sequence (``E * mean_b sum_e f_be P_be``); the library's is over all tokens
   of the batch (``E * sum_e f_e P_e``): equal for a single sequence.
 * ``transformers``' DeepSeek-V3 has no balance loss and never updates
-  ``e_score_correction_bias``; the converted router has the library's aux losses (set
-  ``balance_loss_coef=0`` for the aux-loss-free recipe) and its bias moves with
+  ``e_score_correction_bias``; the converted router adds none either by default (pass
+  ``balance_loss_coef`` for the library's per-layer loss) and its bias moves with
   :func:`pytorch_mixtures.update_expert_bias`.
 
 Shape legend: E experts, D model dim, H expert hidden dim.
@@ -57,21 +66,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts import MLPExperts, SwiGLUExperts
+from ..experts import _ACTIVATIONS, MLPExperts, SwiGLUExperts
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
+from .hf_layer import HFMoELayer, make_recorder, route_attention_mask
 
-__all__ = ["SwiGLUMLP", "from_hf", "supported_blocks", "to_hf"]
+__all__ = ["SwiGLUMLP", "from_hf", "from_hf_model", "supported_blocks", "to_hf"]
 
 # transformers modules are typed by duck: their submodules and tensors are read by name
 HFModule = Any
 
-# defaults of TopKRouter, repeated here so from_hf's signature documents them
-_BALANCE_COEF = 0.01
-_Z_COEF = 0.001
+# a converted block adds nothing to pm.aux_loss by default: the model's own aux loss
+# (transformers' load_balancing_loss_func on the recorded router logits, output_router_logits)
+# is the one that counts, and a nonzero per-layer coefficient would count it a second time
+_BALANCE_COEF = 0.0
+_Z_COEF = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,26 +94,35 @@ class _Family:
     to_hf: Callable[[MoELayer, HFModule], None]
 
 
-def _activation_name(act: Callable[[Tensor], Tensor]) -> str:
-    """Name of the library activation that ``act`` computes, found numerically.
+def _activation_name(act: Callable[[Tensor], Tensor], what: str = "activation") -> str:
+    """Name of the library activation (``experts._ACTIVATIONS``) that ``act`` computes.
 
-    Hugging Face activations are many classes (``ACT2FN``); comparing outputs on a probe grid
-    identifies the function itself, whatever class implements it.
+    Hugging Face activations are many classes (``ACT2FN``: ``gelu_new``, ``gelu_fast`` and
+    ``gelu_pytorch_tanh`` are all the tanh GELU); comparing outputs on a probe grid identifies
+    the function itself, whatever class implements it. The grid reaches +-20 so that clipped
+    forms (``gelu_10``) differ from their unclipped ones.
     """
-    probe = torch.linspace(-6.0, 6.0, 241)
-    with torch.no_grad():
-        got = act(probe)
-    candidates: dict[str, Callable[[Tensor], Tensor]] = {
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "relu": F.relu,
-    }
-    for name, fn in candidates.items():
-        if isinstance(got, Tensor) and torch.allclose(got.float(), fn(probe), atol=1e-6):
-            return name
+    if isinstance(act, nn.Module) and any(True for _ in act.parameters()):
+        # PReLU, xIELU: learned parameters the stacked experts would not train
+        raise ValueError(
+            f"{what}: expected a parameter-free activation (one of {sorted(_ACTIVATIONS)}), "
+            f"got {type(act).__name__} with learned parameters"
+        )
+    probe = torch.linspace(-20.0, 20.0, 801)
+    try:
+        with torch.no_grad():
+            got = act(probe)
+    except Exception as error:  # a callable that is no elementwise activation
+        raise ValueError(
+            f"{what}: expected an elementwise activation (one of {sorted(_ACTIVATIONS)}), got "
+            f"{type(act).__name__}, which fails on a 1-d tensor ({error})"
+        ) from error
+    if isinstance(got, Tensor) and got.shape == probe.shape:
+        for name, fn in _ACTIVATIONS.items():
+            if torch.allclose(got.float(), fn(probe), atol=1e-6, rtol=1e-6):
+                return name
     raise ValueError(
-        f"activation: expected one of {sorted(candidates)} (as computed by the block's "
+        f"{what}: expected one of {sorted(_ACTIVATIONS)} (as computed by the block's "
         f"activation), got {type(act).__name__} which computes none of them"
     )
 
@@ -128,13 +148,12 @@ def _check_fused_experts(experts: HFModule) -> None:
 def _swiglu_from_fused(experts: HFModule) -> SwiGLUExperts:
     """``gate_up_proj`` ``[E, 2H, D]`` / ``down_proj`` ``[E, D, H]`` -> :class:`SwiGLUExperts`."""
     _check_fused_experts(experts)
-    act = _activation_name(experts.act_fn)
-    if act != "silu":
-        raise ValueError(f"block.experts.act_fn: expected silu (SwiGLU experts), got {act}")
+    # the fused experts compute act(gate) * up: SwiGLU for silu, GeGLU for gelu, ...
+    act = _activation_name(experts.act_fn, "block.experts.act_fn")
     gate_up_E2HD: Tensor = experts.gate_up_proj
     down_EDH: Tensor = experts.down_proj
     num_experts, two_hidden, dim = gate_up_E2HD.shape
-    out = SwiGLUExperts(num_experts, dim, two_hidden // 2)
+    out = SwiGLUExperts(num_experts, dim, two_hidden // 2, activation=act)
     out.to(device=gate_up_E2HD.device, dtype=gate_up_E2HD.dtype)
     with torch.no_grad():
         # HF computes x @ W.T with W [2H, D]; the library x @ W with W [D, 2H]: same columns
@@ -147,6 +166,12 @@ def _swiglu_to_fused(experts: nn.Module, like_experts: HFModule) -> None:
     if not isinstance(experts, SwiGLUExperts):
         raise TypeError(f"moe.experts: expected SwiGLUExperts, got {type(experts).__name__}")
     _check_fused_experts(like_experts)
+    like_act = _activation_name(like_experts.act_fn, "like.experts.act_fn")
+    if experts.activation != like_act:
+        raise ValueError(
+            f"moe.experts.activation: expected {like_act!r} (like's experts), "
+            f"got {experts.activation!r}"
+        )
     target_gate_up: Tensor = like_experts.gate_up_proj
     target_down: Tensor = like_experts.down_proj
     expected = (experts.num_experts, 2 * experts.hidden_dim, experts.dim)
@@ -212,41 +237,51 @@ def _copy_gate(router: TopKRouter, target_ED: Tensor) -> None:
 
 
 class SwiGLUMLP(nn.Module):
-    """A dense SwiGLU MLP ``down(silu(gate(x)) * up(x))``, bias-free (Shazeer 2020).
+    """A dense gated MLP ``down(act(gate(x)) * up(x))``, bias-free (Shazeer 2020).
 
-    The library's form of Hugging Face's shared experts (``Qwen2MoeMLP``, ``DeepseekV3MLP``);
-    parameter names follow them (``gate_proj``, ``up_proj``: ``nn.Linear(D, H)``;
-    ``down_proj``: ``nn.Linear(H, D)``). Maps ``[..., D] -> [..., D]``.
+    SwiGLU with the default ``activation="silu"``; another name of ``experts._ACTIVATIONS``
+    gives the other GLU variants (``"gelu"``: GeGLU). The library's form of Hugging Face's
+    shared experts (``Qwen2MoeMLP``, ``DeepseekV3MLP``, whose activation is the config's
+    ``hidden_act``); parameter names follow them (``gate_proj``, ``up_proj``:
+    ``nn.Linear(D, H)``; ``down_proj``: ``nn.Linear(H, D)``). Maps ``[..., D] -> [..., D]``.
     """
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
         super().__init__()
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
+        self.activation = activation
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = _ACTIVATIONS[self.activation]
+        out: Tensor = self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
         return out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _check_hf_mlp(mlp: HFModule, what: str) -> None:
+def _check_hf_mlp(mlp: HFModule, what: str) -> str:
+    """The gated MLP's activation name, after checking its three bias-free linears."""
     for name in _MLP_LINEARS:
         layer = getattr(mlp, name, None)
         if not isinstance(layer, nn.Linear) or layer.bias is not None:
             raise ValueError(f"{what}.{name}: expected a bias-free nn.Linear, got {layer!r}")
-    act = _activation_name(mlp.act_fn)
-    if act != "silu":
-        raise ValueError(f"{what}.act_fn: expected silu (SwiGLU), got {act}")
+    return _activation_name(mlp.act_fn, f"{what}.act_fn")
 
 
 def _shared_from_hf(mlp: HFModule, what: str) -> SwiGLUMLP:
-    _check_hf_mlp(mlp, what)
+    act = _check_hf_mlp(mlp, what)
     weight = mlp.gate_proj.weight
-    shared = SwiGLUMLP(weight.shape[1], weight.shape[0])
+    shared = SwiGLUMLP(weight.shape[1], weight.shape[0], act)
     shared.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         for name in _MLP_LINEARS:
@@ -261,7 +296,11 @@ def _shared_to_hf(moe: MoELayer, mlp: HFModule, what: str) -> None:
             f"moe.shared_experts: expected a SwiGLUMLP (as from_hf builds), "
             f"got {type(shared).__name__}"
         )
-    _check_hf_mlp(mlp, what)
+    act = _check_hf_mlp(mlp, what)
+    if shared.activation != act:
+        raise ValueError(
+            f"moe.shared_experts.activation: expected {act!r} ({what}'s), got {shared.activation!r}"
+        )
     for name in _MLP_LINEARS:
         _copy_into(getattr(mlp, name).weight, getattr(shared, name).weight, f"{what}.{name}")
 
@@ -283,12 +322,19 @@ def _softmax_topk_from_hf(block: HFModule, balance_coef: float, z_coef: float) -
     spec = _softmax_topk_spec(block)
     router = _topk_router(block.gate.weight, spec, balance_coef, z_coef)
     experts = _swiglu_from_fused(block.experts)
+    recorder = make_recorder(block.gate)
     shared_mlp = getattr(block, "shared_expert", None)  # Qwen2-MoE
     if shared_mlp is None:
-        return MoELayer(router.dim, router, experts, causal=True)
+        return HFMoELayer(router.dim, router, experts, causal=True, router_logits=recorder)
     shared = _shared_from_hf(shared_mlp, "block.shared_expert")
-    moe = MoELayer(
-        router.dim, router, experts, causal=True, shared_experts=shared, shared_expert_gate=True
+    moe = HFMoELayer(
+        router.dim,
+        router,
+        experts,
+        causal=True,
+        shared_experts=shared,
+        shared_expert_gate=True,
+        router_logits=recorder,
     )
     assert moe.shared_expert_gate is not None
     moe.shared_expert_gate.to(device=router.gate.weight.device, dtype=router.gate.weight.dtype)
@@ -344,7 +390,14 @@ def _deepseek_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> Mo
         router.expert_bias.copy_(block.gate.e_score_correction_bias)
     experts = _swiglu_from_fused(block.experts)
     shared = _shared_from_hf(block.shared_experts, "block.shared_experts")
-    return MoELayer(router.dim, router, experts, causal=True, shared_experts=shared)
+    return HFMoELayer(
+        router.dim,
+        router,
+        experts,
+        causal=True,
+        shared_experts=shared,
+        router_logits=make_recorder(block.gate),
+    )
 
 
 def _deepseek_to_hf(moe: MoELayer, block: HFModule) -> None:
@@ -390,14 +443,21 @@ def _switch_from_hf(block: HFModule, balance_coef: float, z_coef: float) -> MoEL
     router = _topk_router(classifier.weight, _switch_spec(block), balance_coef, z_coef)
     pairs = _switch_expert_linears(block)
     wi = pairs[0][0].weight
-    activation = _activation_name(block.experts["expert_0"].act)
+    activation = _activation_name(block.experts["expert_0"].act, "block.experts.expert_0.act")
     experts = MLPExperts(len(pairs), wi.shape[1], wi.shape[0], activation, bias=False)
     experts.to(device=wi.device, dtype=wi.dtype)
     with torch.no_grad():
         for index, (w_in, w_out) in enumerate(pairs):
             experts.w_in[index].copy_(w_in.weight.T)
             experts.w_out[index].copy_(w_out.weight.T)
-    return MoELayer(router.dim, router, experts, causal=True)
+    return HFMoELayer(
+        router.dim,
+        router,
+        experts,
+        causal=True,
+        router_logits=make_recorder(block.router),
+        logits_format="switch",
+    )
 
 
 def _switch_to_hf(moe: MoELayer, block: HFModule) -> None:
@@ -405,7 +465,7 @@ def _switch_to_hf(moe: MoELayer, block: HFModule) -> None:
     experts = moe.experts
     if not isinstance(experts, MLPExperts) or experts.b_in is not None:
         raise TypeError("moe.experts: expected MLPExperts(bias=False) for a Switch block")
-    activation = _activation_name(block.experts["expert_0"].act)
+    activation = _activation_name(block.experts["expert_0"].act, "like.experts.expert_0.act")
     if activation != experts.activation:
         raise ValueError(
             f"moe.experts.activation: expected {activation!r} (the block's), "
@@ -457,7 +517,7 @@ def from_hf(
     *,
     balance_loss_coef: float = _BALANCE_COEF,
     z_loss_coef: float = _Z_COEF,
-) -> MoELayer:
+) -> HFMoELayer:
     """An equivalent :class:`MoELayer` for a Hugging Face sparse-MoE block.
 
     Weights are copied (the layer shares no storage with ``block``) onto the block's device
@@ -467,24 +527,94 @@ def from_hf(
     ``aux_losses["load_balancing"]`` equals ``transformers``' ``load_balancing_loss_func`` on
     the same router logits.
 
+    The layer is an :class:`~pytorch_mixtures.interop.HFMoELayer`: inside the model it
+    records its router logits where ``transformers`` looks for the block's (its
+    ``router_logits`` submodule stands in for the block's router class), so with
+    ``output_router_logits=True`` the model's ``outputs.router_logits``, ``outputs.aux_loss``
+    and the ``router_aux_loss_coef * aux_loss`` term of ``outputs.loss`` are ``transformers``'
+    own, computed on the library's logits with gradient to the library's router. That is the
+    aux loss of a converted model; the layer's own coefficients therefore default to 0, so
+    ``pm.aux_loss(model)`` adds nothing and nothing is counted twice. (Replace every block
+    at once, mask routing included, with :func:`from_hf_model`.)
+
     Args:
         block: one of :func:`supported_blocks` (e.g. ``model.model.layers[i].mlp`` of a
             ``MixtralForCausalLM``).
-        balance_loss_coef: weight of the balance loss in ``moe.aux_loss``; pass
-            ``config.router_aux_loss_coef`` to mirror Hugging Face's training loss.
-        z_loss_coef: weight of the router z-loss (Hugging Face's decoder MoEs use none: 0.0).
+        balance_loss_coef: weight of the library's per-layer balance loss in ``moe.aux_loss``
+            (default 0: ``transformers`` adds its own pooled loss). A nonzero value adds a
+            per-layer loss on top; see the README for how it relates to the pooled one.
+        z_loss_coef: weight of the router z-loss (default 0; Hugging Face's decoder MoEs use
+            none).
 
     Returns:
-        A :class:`MoELayer` with a :class:`TopKRouter` and stacked experts.
+        An :class:`~pytorch_mixtures.interop.HFMoELayer` (a :class:`MoELayer`) with a
+        :class:`TopKRouter` and stacked experts.
 
     Raises:
         TypeError: ``block`` is not a supported block.
         ValueError: the block uses a feature the library does not reproduce (router bias,
-            an activation other than SiLU for SwiGLU experts, a non-fused expert layout).
+            an activation with learned parameters or outside ``experts._ACTIVATIONS``, a
+            non-fused expert layout).
     """
     moe = _family_of(block, "block").from_hf(block, balance_loss_coef, z_loss_coef)
+    assert isinstance(moe, HFMoELayer)
     # a fresh module is in training mode, where jitter applies: follow the block's mode
     return moe.train(block.training)
+
+
+def from_hf_model(
+    model: nn.Module,
+    *,
+    balance_loss_coef: float = _BALANCE_COEF,
+    z_loss_coef: float = _Z_COEF,
+    route_mask: bool = True,
+) -> nn.Module:
+    """Replace every supported sparse-MoE block inside ``model`` by :func:`from_hf`, in place.
+
+    Each block (an instance of one of :func:`supported_blocks`, wherever it sits) becomes the
+    equivalent :class:`~pytorch_mixtures.interop.HFMoELayer`; with ``route_mask`` the model's
+    ``attention_mask`` is handed to them on every call (:func:`route_attention_mask`), so
+    padding is neither routed nor counted in the layers' losses and statistics, as
+    ``transformers`` leaves it out of its aux loss when it has the mask. Training then goes
+    through the model as before: ``output_router_logits=True`` (or
+    ``config.output_router_logits``) makes ``outputs.aux_loss`` and ``outputs.loss``
+    ``transformers``' own, exactly.
+
+    Args:
+        model: a ``transformers`` model (``MixtralForCausalLM``, ...).
+        balance_loss_coef, z_loss_coef: passed to :func:`from_hf` (default 0).
+        route_mask: call :func:`route_attention_mask` (not for encoder-decoder models, whose
+            decoder has its own mask: Switch Transformers).
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` holds no supported block; or as :func:`from_hf`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(route_mask, bool):
+        raise TypeError(f"route_mask: expected a bool, got {route_mask!r}")
+    names = set(_families())
+    targets = [
+        (parent, child_name, child)
+        for parent in model.modules()
+        for child_name, child in parent.named_children()
+        if type(child).__name__ in names
+    ]
+    if not targets:
+        raise ValueError(
+            f"model: expected a model holding one of {', '.join(supported_blocks())}, "
+            f"found none in {type(model).__name__}"
+        )
+    for parent, child_name, child in targets:
+        converted = from_hf(child, balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef)
+        setattr(parent, child_name, converted)
+    if route_mask:
+        route_attention_mask(model)
+    return model
 
 
 def to_hf(moe: MoELayer, *, like: nn.Module) -> nn.Module:

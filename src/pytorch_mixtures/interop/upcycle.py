@@ -30,24 +30,26 @@ from ..losses import aux_loss
 from ..moe_layer import MoELayer
 from ..routing import TopKRouter
 from .hf import _activation_name
+from .hf_layer import HFMoELayer, route_attention_mask
 
 __all__ = ["attach_aux_loss", "moeify"]
 
 _HOOK_ATTR = "_pytorch_mixtures_aux_loss_hook"
 
 
-def _is_swiglu_mlp(mlp: nn.Module) -> bool:
-    """A Llama-style MLP ``down(silu(gate(x)) * up(x))`` with bias-free linears."""
+def _gated_mlp_activation(mlp: nn.Module) -> str | None:
+    """The activation of a Llama-style gated MLP ``down(act(gate(x)) * up(x))`` with bias-free
+    linears (SwiGLU for Llama, GeGLU for Gemma), or None for any other MLP."""
     linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(layer, nn.Linear) and layer.bias is None for layer in linears):
-        return False
+        return None
     act = getattr(mlp, "act_fn", None)
     if not callable(act):
-        return False
+        return None
     try:
-        return _activation_name(act) == "silu"
-    except ValueError:
-        return False
+        return _activation_name(act)
+    except ValueError:  # an activation the stacked experts lack: deep copies keep it exact
+        return None
 
 
 def _mlp_dim(mlp: nn.Module) -> int:
@@ -74,12 +76,13 @@ def _experts_from_mlp(
 ) -> ExpertsBase:
     """E copies of ``mlp``: stacked SwiGLU for Llama-style MLPs, else a list of deep copies."""
     with torch.no_grad():
-        if _is_swiglu_mlp(mlp):
+        activation = _gated_mlp_activation(mlp)
+        if activation is not None:
             gate_HD = mlp.gate_proj.weight
             up_HD = mlp.up_proj.weight
             down_DH = mlp.down_proj.weight
             hidden, dim = gate_HD.shape
-            stacked = SwiGLUExperts(num_experts, dim, hidden)
+            stacked = SwiGLUExperts(num_experts, dim, hidden, activation=activation)
             stacked.to(device=gate_HD.device, dtype=gate_HD.dtype)
             gate_up_D2H = torch.cat([gate_HD.T, up_HD.T], dim=1)
             stacked.w_gate_up.copy_(gate_up_D2H.unsqueeze(0).expand_as(stacked.w_gate_up))
@@ -122,22 +125,31 @@ def moeify(
     mlp_name: str = "mlp",
     generator: torch.Generator | None = None,
     attach_loss: bool = True,
+    route_mask: bool = True,
 ) -> nn.Module:
     """Upcycle a dense ``transformers`` model into a Mixture-of-Experts, in place.
 
     In every decoder layer list (an ``nn.ModuleList`` whose layers have an ``mlp_name``
     attribute, e.g. ``model.model.layers`` of Llama, Mistral, Qwen2, Gemma, GPT-2's ``h``),
     the MLP of layers ``i`` with ``(i + 1) % every == 0`` is replaced by a :class:`MoELayer`:
-    a :class:`TopKRouter` (softmax, renormalised top-k, init std ``router_init_std``) and
-    ``num_experts`` copies of the MLP (stacked :class:`SwiGLUExperts` for Llama-style
-    ``gate_proj``/``up_proj``/``down_proj`` SiLU MLPs, a list of deep copies otherwise).
-    Sparse upcycling, Komatsuzaki et al. 2022.
+    an :class:`~pytorch_mixtures.interop.HFMoELayer` with a :class:`TopKRouter` (softmax,
+    renormalised top-k, init std ``router_init_std``) and ``num_experts`` copies of the MLP
+    (stacked :class:`SwiGLUExperts` with the MLP's activation for Llama-style
+    ``gate_proj``/``up_proj``/``down_proj`` gated MLPs, SwiGLU or GeGLU; a list of deep copies
+    otherwise). Sparse upcycling, Komatsuzaki et al. 2022.
 
     With ``noise=0`` the model's outputs are unchanged right after conversion (each token's
     renormalised top-k weights sum to 1 over identical experts); ``noise > 0`` perturbs each
     expert's weights by ``noise * std(W) * N(0, 1)`` to break the symmetry between experts.
-    Routing is per token, so ``generate()`` with a KV cache works as before. Padding tokens
-    are routed too (the HF decoder layer does not pass its mask to the MLP).
+    Routing is per token, so ``generate()`` with a KV cache works as before. With
+    ``route_mask`` the model's ``attention_mask`` reaches the MoE layers
+    (:func:`route_attention_mask`: the HF decoder layer does not pass it to the MLP), so
+    padding tokens are not routed (their MLP output is zero: only padding positions' logits
+    change) and are left out of the aux losses and statistics.
+
+    The aux loss is the library's per-layer form: each converted layer adds
+    ``balance_loss_coef * E * sum_e f_e P_e`` (and the z-loss) to ``pm.aux_loss(model)``;
+    a dense model has no ``transformers`` aux loss to mirror.
 
     Args:
         model: a ``transformers`` model (or any module with such layer lists).
@@ -154,6 +166,8 @@ def moeify(
         generator: random generator for the router init and the noise (reproducibility).
         attach_loss: call :func:`attach_aux_loss` so ``outputs.loss`` includes
             ``pm.aux_loss(model)`` (then do not add it again yourself).
+        route_mask: call :func:`route_attention_mask` so padding is excluded (decoder-only
+            models; pass False for an encoder-decoder).
 
     Returns:
         ``model`` itself, modified in place.
@@ -167,6 +181,7 @@ def moeify(
     top_k = check_int("top_k", top_k, 1, num_experts)
     every = check_int("every", every)
     check_flag("attach_loss", attach_loss)
+    check_flag("route_mask", route_mask)
     for name, value in (("noise", noise), ("router_init_std", router_init_std)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
@@ -201,9 +216,11 @@ def moeify(
                 weight = torch.randn(router.gate.weight.shape, generator=generator)
                 router.gate.weight.copy_(weight * router_init_std)
             router.to(device=reference.device, dtype=reference.dtype)
-            setattr(layer, mlp_name, MoELayer(experts.dim, router, experts, causal=True))
+            setattr(layer, mlp_name, HFMoELayer(experts.dim, router, experts, causal=True))
     if attach_loss:
         attach_aux_loss(model)
+    if route_mask:
+        route_attention_mask(model)
     return model
 
 
