@@ -108,6 +108,7 @@ for config in mixtral fine-xl; do
     --threads 1 --repeats 10 --warmup 3 "$@"
 done
 
-# inference: decode-shaped layer calls (1 / 8 / 64 tokens) and generate() (batch 1 / 8 / 64)
-"$PYTHON" -m pytorch_mixtures.app.cli bench --decode --device cuda --dtype bfloat16 \
+# inference: decode-shaped layer calls (1 / 8 / 64 tokens) and generate() (batch 1 / 8 / 64),
+# eager and compiled (generate(compile=True): static cache, CUDA graphs via reduce-overhead)
+"$PYTHON" -m pytorch_mixtures.app.cli bench --decode --compile --device cuda --dtype bfloat16 \
   --threads 1 --repeats 10 "$@"

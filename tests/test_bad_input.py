@@ -295,6 +295,26 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("checkpoint not a dict", lambda t: pm.files.load_state_dict_file(saved(t, [torch.ones(2)])), ValueError, ("checkpoint", "state dict", "list")),
     ("safetensors garbage", lambda t: pm.files.load_state_dict_file(write(t, "c.safetensors", b"xx")), ValueError, ("checkpoint", "safetensors", "c.safetensors")),
     ("name_layers of str", lambda t: pm.checks.name_layers("model"), TypeError, ("model", "nn.Module", "str")),
+    # --- the routing frontier: drop policies, zero-computation experts, padding, pruning
+    ("drop_policy unknown", lambda t: topk(capacity_factor=1.0, drop_policy="random"), ValueError, ("drop_policy", "'position', 'probs'", "'random'")),
+    ("drop_policy int", lambda t: topk(drop_policy=1), ValueError, ("drop_policy", "'position', 'probs'", "got 1")),
+    ("drop_policy set later", lambda t: setattr(topk(), "drop_policy", "first"), ValueError, ("drop_policy", "'position', 'probs'", "'first'")),
+    ("expert choice drop_policy", lambda t: pm.ExpertChoiceRouter(D, E, drop_policy="position"), ValueError, ("drop_policy", "'probs'", "'position'")),
+    ("zero-computation kind", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E + 1), pm.MLPExperts(E, D, 16), zero_computation_experts={"identity": 1}), ValueError, ("zero_computation_experts", "'zero', 'copy', 'constant'", "'identity'")),
+    ("zero-computation list", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E + 1), pm.MLPExperts(E, D, 16), zero_computation_experts=["copy"]), TypeError, ("zero_computation_experts", "dict", "list")),
+    ("zero-computation count", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E + 1), pm.MLPExperts(E, D, 16), zero_computation_experts={"copy": -1}), ValueError, ("zero_computation_experts['copy']", ">= 0", "-1")),
+    ("zero-computation too many", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(1, D, 16), zero_computation_experts={"copy": E}), ValueError, ("zero_computation_experts", f"fewer than {E}", f"got {E}")),
+    ("zero-computation router size", lambda t: pm.MoELayer(D, pm.TopKRouter(D, E), pm.MLPExperts(E, D, 16), zero_computation_experts={"copy": 1}), ValueError, ("experts", f"{E} experts", "1 of them zero-computation", f"got {E}")),
+    ("pad_to_capacity dropless", lambda t: layer(pad_to_capacity=True), ValueError, ("pad_to_capacity", "capacity", "capacity_factor=None")),
+    ("pad_to_capacity str", lambda t: layer(capacity_factor=1.0, pad_to_capacity="yes"), TypeError, ("pad_to_capacity", "True or False", "str")),
+    ("prune keep zero", lambda t: pm.prune_experts(layer(), keep=0, batches=[x()]), ValueError, ("keep", f"[1, {E}]", "got 0")),
+    ("prune keep fraction", lambda t: pm.prune_experts(layer(), keep=2.5, batches=[x()]), ValueError, ("keep", "(0, 1]", "2.5")),
+    ("prune keep below top_k", lambda t: pm.prune_experts(layer(), keep=1, batches=[x()]), ValueError, ("keep", "at least 2", "got 1")),
+    ("prune keep str", lambda t: pm.prune_experts(layer(), keep="2", batches=[x()]), TypeError, ("keep", "int", "str")),
+    ("prune criterion", lambda t: pm.prune_experts(layer(), keep=2, batches=[x()], criterion="norm"), ValueError, ("criterion", "'reap', 'frequency'", "'norm'")),
+    ("prune no batches", lambda t: pm.prune_experts(layer(), keep=2, batches=[]), ValueError, ("batches", "at least one", "none")),
+    ("prune batch of str", lambda t: pm.prune_experts(layer(), keep=2, batches=["text"]), TypeError, ("batches", "Tensor", "str")),
+    ("prune model list", lambda t: pm.prune_experts([layer()], keep=2, batches=[x()]), TypeError, ("model", "nn.Module", "list")),
 ]  # fmt: skip
 
 

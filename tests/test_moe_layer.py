@@ -548,3 +548,203 @@ def test_compiled_decode_path_matches_eager(shape, noop):
             x.reshape(-1, DIM), router.gate.weight.detach(), expert_fns(moe.experts), 2
         )
         torch.testing.assert_close(got.reshape(-1, DIM), want_ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- pad to capacity (Megatron-Core)
+
+
+def _rows_seen(moe: pm.MoELayer) -> list[tuple[int, list[int]]]:
+    """Spy on the experts' calls: (rows, counts) of each."""
+    seen: list[tuple[int, list[int]]] = []
+
+    def spy(module, args, kwargs):
+        seen.append((int(args[0].shape[0]), [int(c) for c in args[1]]))
+
+    moe.experts.register_forward_pre_hook(spy, with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("router_kind", "kind", "backend", "masked"),
+    [
+        ("topk", "swiglu", "loop", False),
+        ("topk", "mlp", "bmm", True),
+        ("topk", "list", None, True),
+        ("expert_choice", "mlp", "loop", False),
+        ("expert_choice", "swiglu", "bmm", True),
+    ],
+)
+def test_pad_to_capacity_matches_unpadded_and_reference(router_kind, kind, backend, masked):
+    """Every real expert gets exactly C rows (padding rows zero), and outputs and gradients
+    equal the unpadded layer's and the per-token reference's, with padding and batch > 1."""
+    from reference.frontier import naive_frontier_moe
+
+    torch.manual_seed(17)
+    if router_kind == "topk":
+        router = pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=0.75, init_std=1.5)
+    else:
+        router = pm.ExpertChoiceRouter(DIM, EXPERTS, capacity_factor=1.0)
+        router.gate.weight.data.normal_()
+    experts = make_experts(kind)
+    if backend is not None:
+        experts.backend = backend
+    plain = pm.MoELayer(DIM, router, experts).double()
+    padded = pm.MoELayer(DIM, router, plain.experts, pad_to_capacity=True)
+    seen = _rows_seen(padded)
+    x = torch.randn(3, 8, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 8) > 0.3 if masked else None
+    params = list(plain.parameters())
+
+    y, g = run_and_grad(lambda inp: padded(inp, attention_mask=mask), x, params)
+    if masked and router_kind == "topk":
+        # unpadded, bmm needs a host-known capacity, which a mask hides; padded, the layer
+        # reads it (one sync), so bmm runs: compare with the unpadded loop
+        plain.experts.backend = "loop"
+    y_plain, g_plain = run_and_grad(lambda inp: plain(inp, attention_mask=mask), x, params)
+    assert_same(y, y_plain, g, g_plain)
+    route = router(x.detach(), mask)
+    if router_kind == "topk":
+        capacity = int(route.capacity)
+        rows = min(capacity, 24)
+        fns = expert_fns(plain.experts if kind != "list" else plain.experts.experts)
+        flat = None if mask is None else mask.reshape(-1).tolist()
+        y_ref, _, _ = naive_frontier_moe(
+            x.detach().reshape(-1, DIM), router.gate.weight.detach(), fns, 2,
+            capacity_factor=0.75, token_mask=flat,
+        )  # fmt: skip
+        torch.testing.assert_close(y.reshape(-1, DIM), y_ref, rtol=1e-10, atol=1e-10)
+    else:
+        rows = 3 * router.capacity(8)
+    assert seen[0] == (EXPERTS * rows, [rows] * EXPERTS)  # static [E * C, D] expert input
+    # the stats describe the real routing, not the padding
+    assert torch.equal(padded.stats.tokens_per_expert, plain.stats.tokens_per_expert)
+    assert int(padded.stats.dropped_slots) == int(plain.stats.dropped_slots)
+
+
+def test_pad_to_capacity_needs_a_capacity():
+    with pytest.raises(ValueError, match="pad_to_capacity: True needs a per-expert capacity"):
+        pm.MoELayer(DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), pad_to_capacity=True)
+    # a capacity given to the layer is enough
+    moe = pm.MoELayer(
+        DIM, pm.TopKRouter(DIM, EXPERTS), make_experts("mlp"), 1.0, pad_to_capacity=True
+    )
+    moe(torch.randn(2, 3, DIM))
+    moe.router.capacity_factor = None  # made dropless afterwards: refused at forward
+    with pytest.raises(ValueError, match="pad_to_capacity"):
+        moe(torch.randn(2, 3, DIM))
+
+
+# ----------------------------------------------------------- zero-computation experts (MoE++)
+
+ZC_CASES = [
+    # zero_computation_experts, top_k, capacity_factor, masked, experts
+    ({"copy": 1}, 2, None, False, "mlp"),
+    ({"zero": 1, "copy": 1, "constant": 2}, 2, None, True, "swiglu"),
+    ({"constant": 1}, 1, None, False, "list"),
+    ({"zero": 2, "copy": 1, "constant": 1}, 3, 0.75, True, "mlp"),
+]
+
+
+@pytest.mark.parametrize(("zc", "top_k", "cf", "masked", "kind"), ZC_CASES)
+def test_zero_computation_experts_match_naive_reference(zc, top_k, cf, masked, kind):
+    """Zero, copy and constant experts (MoE++) against a per-token reference, forward and
+    backward (router, constant experts' gates and vectors, real experts, input), batch > 1,
+    with padding and capacity; per-kind kept slots counted in the stats."""
+    from reference.frontier import naive_frontier_moe
+
+    torch.manual_seed(top_k + len(zc))
+    num_zc = sum(zc.values())
+    router = pm.TopKRouter(DIM, EXPERTS + num_zc, top_k, capacity_factor=cf, init_std=1.0,
+                           normalize_weights=top_k > 1)  # fmt: skip
+    moe = pm.MoELayer(DIM, router, make_experts(kind), zero_computation_experts=zc).double()
+    x = torch.randn(3, 7, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 7) > 0.3 if masked else None
+    flat = None if mask is None else mask.reshape(-1).tolist()
+    params = list(moe.parameters())
+    fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+    constant = moe.constant_experts
+
+    def reference(inp):
+        out, _, _ = naive_frontier_moe(
+            inp.reshape(-1, DIM), router.gate.weight, fns, top_k, normalize=top_k > 1,
+            capacity_factor=cf, token_mask=flat, zero=zc.get("zero", 0), copy=zc.get("copy", 0),
+            constant_gates=[] if constant is None else list(constant.gate_weight),
+            constants=[] if constant is None else list(constant.constant),
+        )  # fmt: skip
+        return out.reshape(inp.shape)
+
+    y, g = run_and_grad(lambda inp: moe(inp, attention_mask=mask), x, params)
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    if constant is not None:
+        assert g[-1].abs().sum() > 0 or g[-2].abs().sum() > 0  # the constant experts learn
+    with torch.no_grad():
+        _, _, kinds = naive_frontier_moe(
+            x.reshape(-1, DIM), router.gate.weight, fns, top_k, normalize=top_k > 1,
+            capacity_factor=cf, token_mask=flat, zero=zc.get("zero", 0), copy=zc.get("copy", 0),
+            constant_gates=[] if constant is None else list(constant.gate_weight),
+            constants=[] if constant is None else list(constant.constant),
+        )  # fmt: skip
+    stats = moe.stats
+    got = {kind: int(v) for kind, v in stats.zero_computation_slots.items()}
+    assert got == kinds
+    assert stats.tokens_per_expert.numel() == EXPERTS + num_zc
+    assert float(stats.zero_computation_fraction) == pytest.approx(
+        sum(kinds.values()) / int(stats.tokens_per_expert.sum())
+    )
+    row = pm.routing_stats(moe)["<root>"]
+    assert row["zero_computation_slots"] == kinds
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_zero_computation_experts_on_the_decode_path(num_tokens):
+    """Eval calls of few tokens (the decode path) add the copy and constant experts too:
+    equal to the full path's output."""
+    torch.manual_seed(num_tokens)
+    zc = {"zero": 1, "copy": 1, "constant": 1}
+    router = pm.TopKRouter(DIM, EXPERTS + 3, 2, init_std=1.0)
+    moe = pm.MoELayer(DIM, router, make_experts("swiglu"), zero_computation_experts=zc).eval()
+    x = torch.randn(1, num_tokens, DIM)
+    with torch.no_grad():
+        fast = moe(x)
+        assert moe._pending is not None  # the decode path ran
+        moe.decode_max_slots = 0
+        full = moe(x)
+        assert moe._pending is None
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_num_noop_experts_is_the_zero_kind():
+    torch.manual_seed(2)
+    router = pm.TopKRouter(DIM, EXPERTS + 2, 2, init_std=1.0)
+    a = pm.MoELayer(DIM, router, make_experts("mlp"), num_noop_experts=2)
+    b = pm.MoELayer(DIM, router, a.experts, zero_computation_experts={"zero": 2})
+    x = torch.randn(2, 5, DIM)
+    assert torch.equal(a(x), b(x))
+    assert a.num_noop_experts == b.num_noop_experts == 2
+    assert a.zero_computation_experts == b.zero_computation_experts
+    assert not a.stats.zero_computation_slots or int(a.stats.zero_computation_slots["zero"]) >= 0
+    with pytest.raises(ValueError, match="num_noop_experts: it is the 'zero' kind"):
+        pm.MoELayer(DIM, router, a.experts, num_noop_experts=1,
+                    zero_computation_experts={"zero": 1})  # fmt: skip
+
+
+def test_zero_computation_experts_with_expert_choice():
+    """Expert choice routes over real and zero-computation experts too: a copy expert adds
+    each picked token times its weight (index_add path, not token-major)."""
+    torch.manual_seed(4)
+    router = pm.ExpertChoiceRouter(DIM, EXPERTS + 1, capacity_factor=1.0)
+    router.gate.weight.data.normal_()
+    moe = pm.MoELayer(DIM, router, make_experts("mlp"), zero_computation_experts={"copy": 1})
+    x = torch.randn(2, 6, DIM)
+    y = moe(x)
+    plain = pm.MoELayer(DIM, router, moe.experts, num_noop_experts=1)(x)
+    route = router(x)
+    copy_S = (route.expert_ids == EXPERTS) & route.kept
+    extra = torch.zeros(12, DIM).index_add_(
+        0,
+        route.token_ids[copy_S],
+        route.weights[copy_S, None] * x.reshape(-1, DIM)[route.token_ids[copy_S]],
+    )
+    torch.testing.assert_close(y, plain + extra.reshape(2, 6, DIM))
+    assert int(moe.stats.zero_computation_slots["copy"]) == int(copy_S.sum())

@@ -63,6 +63,21 @@ def test_every_old_import_path_still_resolves(module_name):
             assert getattr(module, name) is top, f"{module_name}.{name} is another object"
 
 
+# names added after 0.2, by home module: each is exported from the package as the same object
+NEW_NAMES = {
+    "pytorch_mixtures.pruning": "PruningReport expert_scores prune_experts",
+}
+
+
+@pytest.mark.parametrize("module_name", sorted(NEW_NAMES))
+def test_new_public_names_are_exported_from_their_home(module_name):
+    module = importlib.import_module(module_name)
+    for name in NEW_NAMES[module_name].split():
+        assert name in module.__all__ and name in pm.__all__, name
+        assert getattr(pm, name) is getattr(module, name), name
+    assert "pruning" in pm.__all__ and pm.pruning is module
+
+
 def test_every_top_level_name_is_public_and_resolves():
     old = set(OLD_TOP_LEVEL.split())
     assert old <= set(pm.__all__), sorted(old - set(pm.__all__))

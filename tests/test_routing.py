@@ -473,3 +473,101 @@ def test_normalized_top1_warns_because_every_weight_is_one(score_func):
         router = pm.TopKRouter(8, 4, top_k=1, score_func=score_func, normalize_weights=True)
     out = router(torch.randn(3, 5, 8))
     torch.testing.assert_close(out.weights, torch.ones_like(out.weights))
+
+
+# --------------------------------------------------------------------------- drop policies
+
+DROP_CASES = [
+    # top_k, score_func, normalize, capacity_factor, experts, masked
+    (1, "softmax", False, 0.5, "mlp", False),
+    (2, "softmax", True, 0.75, "swiglu", True),
+    (2, "sigmoid", False, 0.6, "list", False),
+    (3, "sigmoid", True, 0.5, "mlp", True),
+]
+
+
+@pytest.mark.parametrize(("top_k", "score_func", "normalize", "cf", "kind", "masked"), DROP_CASES)
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_drop_policies_match_naive_reference(
+    top_k, score_func, normalize, cf, kind, masked, policy
+):
+    """Both drop policies against a per-token reference, forward and backward, batch > 1,
+    with padding: the same dropped slots, outputs and gradients, and the drops counted."""
+    from reference.frontier import naive_frontier_moe
+
+    torch.manual_seed(top_k * 5 + masked)
+    router = pm.TopKRouter(
+        DIM, EXPERTS, top_k, capacity_factor=cf, score_func=score_func,
+        normalize_weights=normalize, init_std=1.5, drop_policy=policy,
+    )  # fmt: skip
+    moe = pm.MoELayer(DIM, router, make_experts(kind)).double()
+    x = torch.randn(3, 7, DIM, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 7) > 0.25 if masked else None
+    params = list(moe.parameters())
+    fns = expert_fns(moe.experts if kind != "list" else moe.experts.experts)
+    flat_mask = None if mask is None else mask.reshape(-1).tolist()
+
+    y, g = run_and_grad(lambda inp: moe(inp, attention_mask=mask), x, params)
+
+    def reference(inp):
+        out, _, _ = naive_frontier_moe(
+            inp.reshape(-1, DIM), router.gate.weight, fns, top_k, score_func=score_func,
+            normalize=normalize, capacity_factor=cf, drop_policy=policy, token_mask=flat_mask,
+        )  # fmt: skip
+        return out.reshape(inp.shape)
+
+    y_ref, g_ref = run_and_grad(reference, x, params)
+    assert_same(y, y_ref, g, g_ref)
+    _, dropped, _ = naive_frontier_moe(
+        x.detach().reshape(-1, DIM), router.gate.weight.detach(), fns, top_k,
+        score_func=score_func, normalize=normalize, capacity_factor=cf, drop_policy=policy,
+        token_mask=flat_mask,
+    )  # fmt: skip
+    route = router(x.detach(), mask)
+    real_S = torch.ones_like(route.kept) if mask is None else mask.reshape(-1)[route.token_ids]
+    got = {(s // top_k, s % top_k) for s in (real_S & ~route.kept).nonzero().flatten().tolist()}
+    assert dropped and got == dropped
+    moe(x.detach(), attention_mask=mask)
+    assert int(moe.stats.dropped_slots) == len(dropped)  # dropped slots stay counted
+
+
+def test_probs_policy_keeps_each_experts_highest_weights():
+    """With "probs" every kept slot of an expert outweighs every dropped one of it; with
+    "position" that fails for some expert on the same input (the policies differ)."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 16, DIM)
+    outcome = {}
+    for policy in ("position", "probs"):
+        torch.manual_seed(0)
+        router = pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=0.5, init_std=2.0,
+                               drop_policy=policy)  # fmt: skip
+        route = router(x)
+        ordered = True
+        for e in range(EXPERTS):
+            mine = route.expert_ids == e
+            kept, dropped = route.weights[mine & route.kept], route.weights[mine & ~route.kept]
+            if kept.numel() and dropped.numel() and kept.min() < dropped.max():
+                ordered = False
+        outcome[policy] = ordered
+        assert int((~route.kept).sum()) > 0
+    assert outcome == {"position": False, "probs": True}
+
+
+def test_drop_policy_is_validated_and_settable():
+    router = pm.TopKRouter(DIM, EXPERTS, 2, capacity_factor=1.0)
+    assert router.drop_policy == "position"
+    router.drop_policy = "probs"
+    assert "drop_policy='probs'" in repr(router)
+    with pytest.raises(ValueError, match="drop_policy: expected one of 'position', 'probs'"):
+        router.drop_policy = "random"
+    # expert choice keeps each expert's highest scores by construction
+    assert pm.ExpertChoiceRouter(DIM, EXPERTS, drop_policy="probs").drop_policy == "probs"
+    with pytest.raises(ValueError, match="drop_policy: expected 'probs' for ExpertChoiceRouter"):
+        pm.ExpertChoiceRouter(DIM, EXPERTS, drop_policy="position")
+    # dropless: the policy changes nothing
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, DIM)
+    a = pm.TopKRouter(DIM, EXPERTS, 2, drop_policy="probs")
+    b = pm.TopKRouter(DIM, EXPERTS, 2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x).weights, b(x).weights) and bool(a(x).kept.all())

@@ -26,6 +26,7 @@ from . import (
     mod,
     models,
     moe_layer,
+    pruning,
     routers,
     routing,
     soft_moe,
@@ -38,6 +39,7 @@ from .experts import MLPExperts, ModuleListExperts, SwiGLUExperts
 from .interop.adapters import HFDecoderLayerAdapter
 from .losses import aux_loss
 from .moe_layer import MoELayer
+from .pruning import PruningReport, expert_scores, prune_experts
 from .routing import (
     ExpertChoiceRouter,
     HashRouter,
@@ -64,6 +66,7 @@ __all__ = [
     "MoDStats",
     "MoELayer",
     "ModuleListExperts",
+    "PruningReport",
     "Router",
     "RouterOutput",
     "RoutingStats",
@@ -82,6 +85,7 @@ __all__ = [
     "depth",
     "dispatch",
     "distributed",
+    "expert_scores",
     "experts",
     "files",
     "interop",
@@ -91,6 +95,8 @@ __all__ = [
     "models",
     "moe_layer",
     "plot_expert_load",
+    "prune_experts",
+    "pruning",
     "routers",
     "routing",
     "routing_stats",

@@ -1,12 +1,18 @@
 """MoELayer: router -> dispatch -> experts -> combine, as a drop-in for an MLP.
 
-Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts, S routed slots.
+Also here: the layer options that change the data path but not the router, namely
+zero-computation experts (MoE++, :class:`ConstantExperts`) and pad-to-capacity dispatch.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts, S routed slots,
+J constant experts, C rows per expert in padded dispatch, P = E*C padded rows.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +32,107 @@ from .checks import (
 )
 from .experts import ExpertsBase, as_experts
 from .losses import AuxLossModule
-from .routing import Decision, Router
+from .routing import Decision, Router, RouterOutput
 from .stats import RoutingStats, routing_stats_from
 
-__all__ = ["MoELayer"]
+__all__ = ["ZERO_COMPUTATION_KINDS", "ConstantExperts", "MoELayer", "ZeroComputationKind"]
+
+ZeroComputationKind = Literal["zero", "copy", "constant"]
+#: the zero-computation expert kinds, in the order their ids follow the real experts
+ZERO_COMPUTATION_KINDS: tuple[ZeroComputationKind, ...] = ("zero", "copy", "constant")
+
+
+class ConstantExperts(nn.Module):
+    """J constant experts of MoE++ (Jin et al. 2024, arXiv 2410.07348, section 3.1).
+
+    Expert j maps a token ``x`` to ``a1 * x + a2 * v_j`` with ``[a1, a2] = softmax(W_j x)``:
+    a learned vector ``v_j`` ``[D]`` mixed with the token by a 2-way gate ``W_j`` ``[2, D]``.
+    No expert matmul: the gate is a ``[D] -> [2]`` projection per expert.
+
+    Parameters: ``gate_weight`` ``[J, 2, D]`` (initialised as ``nn.Linear(D, 2)`` would) and
+    ``constant`` ``[J, D]`` (standard normal, as in the MoE++ reference code).
+
+    Args:
+        num_experts: J, >= 1.
+        dim: D.
+    """
+
+    def __init__(self, num_experts: int, dim: int) -> None:
+        super().__init__()
+        self.num_experts = check_int("num_experts", num_experts)
+        self.dim = check_int("dim", dim)
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, 2, dim))
+        self.constant = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.dim)  # nn.Linear's default init, per expert
+        nn.init.uniform_(self.gate_weight, -bound, bound)
+        nn.init.normal_(self.constant)
+
+    def forward(self, x_ND: Tensor, weights_NJ: Tensor) -> Tensor:
+        """``sum_j weights[n, j] * (a1_nj * x_n + a2_nj * v_j)``: ``[N, D]`` in ``x``'s dtype.
+
+        Args:
+            x_ND: ``[N, D]`` tokens (floating).
+            weights_NJ: ``[N, J]`` combine weight of each token's slot to each constant expert
+                (zero where it sent none), in the router's dtype.
+        """
+        # the 2-way gate in float32 (at least), also under autocast, as the router's math:
+        # a low-precision softmax would flip the mix as it flips expert choices
+        dtype = torch.promote_types(weights_NJ.dtype, torch.float32)
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            mix_NJ2 = torch.einsum("nd,jcd->njc", x_ND.to(dtype), self.gate_weight.to(dtype))
+        mix_NJ2 = mix_NJ2.softmax(dim=-1)
+        weights_NJ = weights_NJ.to(dtype)
+        copy_N1 = (weights_NJ * mix_NJ2[..., 0]).sum(dim=-1, keepdim=True)
+        const_ND = (weights_NJ * mix_NJ2[..., 1]) @ self.constant.to(dtype)
+        return (copy_N1 * x_ND.to(dtype) + const_ND).to(x_ND.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}"
+
+
+def _zero_computation_spans(
+    num_real: int, counts: Mapping[ZeroComputationKind, int]
+) -> dict[str, tuple[int, int]]:
+    """kind -> ``[start, end)`` of its expert ids: zero, copy, constant after the real ones."""
+    spans: dict[str, tuple[int, int]] = {}
+    start = num_real
+    for kind in ZERO_COMPUTATION_KINDS:
+        spans[kind] = (start, start + counts[kind])
+        start += counts[kind]
+    return spans
+
+
+def _check_zero_computation(
+    zero_computation_experts: object, num_noop_experts: int
+) -> dict[ZeroComputationKind, int]:
+    """Counts per kind (every kind present, ``num_noop_experts`` read as ``"zero"``)."""
+    counts: dict[ZeroComputationKind, int] = dict.fromkeys(ZERO_COMPUTATION_KINDS, 0)
+    counts["zero"] = num_noop_experts
+    if zero_computation_experts is None:
+        return counts
+    if not isinstance(zero_computation_experts, Mapping):
+        raise TypeError(
+            "zero_computation_experts: expected a dict of kind -> count (kinds "
+            f"{', '.join(map(repr, ZERO_COMPUTATION_KINDS))}), got "
+            f"{type(zero_computation_experts).__name__}"
+        )
+    for kind, count in zero_computation_experts.items():
+        if kind not in ZERO_COMPUTATION_KINDS:
+            raise ValueError(
+                f"zero_computation_experts: expected kinds among "
+                f"{', '.join(map(repr, ZERO_COMPUTATION_KINDS))}, got {kind!r}"
+            )
+        counts[kind] = check_int(f"zero_computation_experts[{kind!r}]", count, low=0)
+    if num_noop_experts and zero_computation_experts.get("zero"):
+        raise ValueError(
+            f"num_noop_experts: it is the 'zero' kind; give num_noop_experts={num_noop_experts} "
+            f"or zero_computation_experts={{'zero': {zero_computation_experts['zero']}}}, "
+            "not both"
+        )
+    return counts
 
 
 class MoELayer(AuxLossModule):
@@ -78,6 +181,26 @@ class MoELayer(AuxLossModule):
         decode_max_slots: eval calls of at most this many slots (tokens * top_k) take the
             decode path (default :data:`pytorch_mixtures.backends.DECODE_MAX_SLOTS`, measured);
             0 turns it off.
+        zero_computation_experts: MoE++'s zero-computation experts (Jin et al. 2024, arXiv
+            2410.07348; AdaMoE's null experts are the ``"zero"`` kind), as a dict kind -> count:
+            ``"zero"`` (outputs 0: the same as ``num_noop_experts``, give one of the two),
+            ``"copy"`` (outputs the token ``x``) and ``"constant"`` (``a1 * x + a2 * v`` with
+            ``[a1, a2] = softmax(W_c x)`` and a learned ``v``, per expert:
+            :class:`ConstantExperts`, the layer's ``constant_experts``). The router scores
+            ``len(experts) + sum(counts)`` experts; ids follow the real experts in the order
+            zero, copy, constant. Their slots are weighted by the router like any other, cost
+            no expert matmul, and are counted in ``stats.zero_computation_slots`` (and as the
+            last entries of ``stats.tokens_per_expert``).
+        pad_to_capacity: Megatron-Core's ``moe_pad_expert_input_to_capacity``: in capacity
+            mode every real expert receives exactly C rows (``min(C, N)`` for top-k, where an
+            expert holds at most one slot per token; ``B * C`` for expert choice), the unused
+            ones zero rows whose outputs are discarded, so the experts' input has the static
+            shape ``[E * C, D]``. Outputs equal the unpadded path's. The ``bmm`` backend
+            already pads each expert to C rows inside its grouped matmul, so with ``bmm`` this
+            changes only the dispatched tensor's shape, not the compute; with ``loop`` /
+            ``grouped_mm`` the padding rows are real extra work. Needs a capacity (a
+            ``capacity_factor``, or an expert-choice router); with an ``attention_mask`` the
+            top-k capacity counts real tokens, so C is read on the host (one sync).
 
     Example::
 
@@ -101,6 +224,8 @@ class MoELayer(AuxLossModule):
         check_finite: bool = False,
         num_noop_experts: int = 0,
         decode_max_slots: int | None = None,
+        zero_computation_experts: Mapping[ZeroComputationKind, int] | None = None,
+        pad_to_capacity: bool = False,
     ) -> None:
         super().__init__()
         if router is None or experts is None:
@@ -125,10 +250,23 @@ class MoELayer(AuxLossModule):
                 f"num_noop_experts: expected an integer in [0, {router.num_experts - 1}] (the "
                 f"router's experts minus at least one real one), got {num_noop_experts}"
             )
-        if expert_module.num_experts + num_noop_experts != router.num_experts:
+        zc_counts = _check_zero_computation(zero_computation_experts, num_noop_experts)
+        num_zc = sum(zc_counts.values())
+        if zero_computation_experts is not None and num_zc >= router.num_experts:
+            raise ValueError(
+                f"zero_computation_experts: expected fewer than {router.num_experts} in all "
+                f"(the router's experts minus at least one real one), got {num_zc} "
+                f"({dict(zc_counts)})"
+            )
+        if expert_module.num_experts + num_zc != router.num_experts:
+            of_them = (
+                f"{num_noop_experts} of them no-op"
+                if zero_computation_experts is None
+                else f"{num_zc} of them zero-computation"
+            )
             raise ValueError(
                 f"experts: the router routes to {router.num_experts} experts "
-                f"({num_noop_experts} of them no-op), got {expert_module.num_experts} experts"
+                f"({of_them}), got {expert_module.num_experts} experts"
             )
         if num_experts is not None and num_experts != expert_module.num_experts:
             raise ValueError(
@@ -145,7 +283,24 @@ class MoELayer(AuxLossModule):
             )
         self.dim = dim
         self.num_experts = expert_module.num_experts
-        self.num_noop_experts = num_noop_experts
+        self.num_noop_experts = zc_counts["zero"]  # the "zero" kind, under its first name
+        self.zero_computation_experts: dict[ZeroComputationKind, int] = zc_counts
+        self._zc_spans = _zero_computation_spans(expert_module.num_experts, zc_counts)
+        self.constant_experts = (
+            ConstantExperts(zc_counts["constant"], dim) if zc_counts["constant"] else None
+        )
+        if self.constant_experts is not None:
+            param = next(router.parameters(), None)
+            if param is not None:
+                self.constant_experts.to(param.device)
+        self.pad_to_capacity = check_flag("pad_to_capacity", pad_to_capacity)
+        dropless = router.capacity_factor is None
+        if pad_to_capacity and dropless and getattr(router, "expert_capacity", None) is None:
+            raise ValueError(
+                "pad_to_capacity: True needs a per-expert capacity (a capacity_factor on "
+                "the router or the layer, or an expert-choice router), got "
+                "capacity_factor=None (dropless)"
+            )
         self.router = router
         self.experts = expert_module
         self._stats: RoutingStats | None = None
@@ -193,12 +348,31 @@ class MoELayer(AuxLossModule):
         self._pending = None
         route = self.router.complete(decision, (x_BTD.shape[0], x_BTD.shape[1]), mask_BT)
         self._set_aux(route.aux_loss, dict(route.aux_losses))
-        self._stats = routing_stats_from(route, dispatch.plan_dispatch(route), x_BTD.flatten(0, 1))
+        plan = dispatch.plan_dispatch(route)
+        self._stats = routing_stats_from(
+            route, plan, x_BTD.flatten(0, 1), zero_computation=self._stats_spans()
+        )
+
+    def _set_num_experts(self, num_experts: int) -> None:
+        """After the experts and router were replaced by ones with ``num_experts`` real
+        experts (:func:`pytorch_mixtures.pruning.prune_experts`): renumber the
+        zero-computation experts and forget the last forward."""
+        self.num_experts = check_int("num_experts", num_experts)
+        self._zc_spans = _zero_computation_spans(num_experts, self.zero_computation_experts)
+        self._stats = None
+        self._pending = None
+
+    def _stats_spans(self) -> dict[str, tuple[int, int]] | None:
+        """The zero-computation id spans for the stats, None when the layer has none (the
+        stats then carry no per-kind counts, as before)."""
+        if not any(self.zero_computation_experts.values()):
+            return None
+        return self._zc_spans
 
     def _decode_decision(self, x_ND: Tensor) -> Decision | None:
         """The router's decode-path routing when this call takes the decode path, else None."""
         top_k = getattr(self.router, "top_k", None)
-        if self.training or top_k is None:
+        if self.training or top_k is None or self.pad_to_capacity:
             return None
         num_slots = x_ND.shape[0] * top_k
         if torch.compiler.is_compiling():
@@ -248,6 +422,12 @@ class MoELayer(AuxLossModule):
             y_ND = dispatch.run_chosen_experts(
                 self.experts, x_ND, decision.expert_ids, decision.weights
             )
+            extra_ND = self._zero_computation_output(
+                x_ND, decision.expert_ids.reshape(-1), decision.weights.reshape(-1), None,
+                decision.expert_ids.shape[1],
+            )  # fmt: skip
+            if extra_ND is not None:
+                y_ND = y_ND + extra_ND.to(y_ND.dtype)
             if mask_BT is not None:
                 y_ND = torch.where(mask_BT.reshape(-1, 1), y_ND, 0.0)
             # plain attributes set through __dict__: nn.Module.__setattr__'s bookkeeping costs
@@ -264,9 +444,21 @@ class MoELayer(AuxLossModule):
                 route = self.router(x_BTD, mask_BT, token_ids=token_ids)
             else:
                 route = self.router(x_BTD, mask_BT)
-            y_ND, plan = dispatch.run_experts(self.experts, x_ND, route)
+            if self.pad_to_capacity:
+                y_ND, plan = self._run_padded(x_ND, route)
+            else:
+                y_ND, plan = dispatch.run_experts(self.experts, x_ND, route)
+            # kept slots only: dropped and padding slots add nothing, as for real experts
+            extra_ND = self._zero_computation_output(
+                x_ND, route.expert_ids, torch.where(route.kept, route.weights, 0.0),
+                route.token_ids, route.slots_per_token,
+            )  # fmt: skip
+            if extra_ND is not None:
+                y_ND = y_ND + extra_ND.to(y_ND.dtype)
             self._set_aux(route.aux_loss, dict(route.aux_losses))
-            self._stats = routing_stats_from(route, plan, x_ND)
+            self._stats = routing_stats_from(
+                route, plan, x_ND, zero_computation=self._stats_spans()
+            )
             self._pending = None
         if self.shared_experts is not None:
             y_ND = y_ND + self._shared_forward(x_ND, mask_BT)
@@ -274,6 +466,125 @@ class MoELayer(AuxLossModule):
         if self.check_finite:
             raise_if_nonfinite(self, "output", y, mask)
         return y
+
+    def _slot_weights(
+        self,
+        expert_ids_S: Tensor,
+        weights_S: Tensor,
+        token_ids_S: Tensor | None,
+        top_k: int | None,
+        num_tokens: int,
+        span: tuple[int, int],
+    ) -> Tensor:
+        """``[N, J]``: each token's summed slot weight to each expert of ``span`` (J ids)."""
+        start, end = span
+        if top_k is not None:  # token-major slots: a sum over a [N, K, J] view, no atomics
+            ids_NK1 = expert_ids_S.view(num_tokens, top_k, 1)
+            targets_J = torch.arange(start, end, device=expert_ids_S.device)
+            hit_NKJ = ids_NK1 == targets_J
+            weights_NK1 = weights_S.view(num_tokens, top_k, 1)
+            return torch.where(hit_NKJ, weights_NK1, 0.0).sum(dim=1)
+        assert token_ids_S is not None
+        count = end - start
+        inside_S = (expert_ids_S >= start) & (expert_ids_S < end)
+        rows_S = torch.where(inside_S, token_ids_S * count + (expert_ids_S - start), 0)
+        out = weights_S.new_zeros(num_tokens * count)
+        out.index_add_(0, rows_S, torch.where(inside_S, weights_S, 0.0))
+        return out.view(num_tokens, count)
+
+    def _zero_computation_output(
+        self,
+        x_ND: Tensor,
+        expert_ids_S: Tensor,
+        weights_S: Tensor,
+        token_ids_S: Tensor | None,
+        top_k: int | None,
+    ) -> Tensor | None:
+        """The copy and constant experts' weighted outputs ``[N, D]`` (None when the layer has
+        neither; zero experts add nothing by definition).
+
+        ``expert_ids_S`` / ``weights_S`` ``[S]`` are the slots (weights zero for slots not
+        kept); ``token_ids_S`` ``[S]`` their tokens, or None for token-major slots (``top_k``
+        per token, slot ``n*K + k``).
+        """
+        copies, constants = self.zero_computation_experts["copy"], self.constant_experts
+        if not copies and constants is None:
+            return None
+        num_tokens = x_ND.shape[0]
+        out_ND: Tensor | None = None
+        if copies:
+            copy_NJ = self._slot_weights(
+                expert_ids_S, weights_S, token_ids_S, top_k, num_tokens, self._zc_spans["copy"]
+            )
+            out_ND = copy_NJ.sum(dim=-1, keepdim=True).to(x_ND.dtype) * x_ND
+        if constants is not None:
+            const_NJ = self._slot_weights(
+                expert_ids_S, weights_S, token_ids_S, top_k, num_tokens,
+                self._zc_spans["constant"],
+            )  # fmt: skip
+            const_ND = constants(x_ND, const_NJ)
+            out_ND = const_ND if out_ND is None else out_ND + const_ND
+        return out_ND
+
+    def _run_padded(
+        self, x_ND: Tensor, route: RouterOutput
+    ) -> tuple[Tensor, dispatch.DispatchPlan]:
+        """Dispatch with every real expert receiving exactly C rows (``pad_to_capacity``).
+
+        The usual plan is built first (the statistics and the combine use it, so outputs are
+        the unpadded path's); its kept rows of real experts are then scattered into a padded
+        ``[E * C, D]`` block (expert e's rows at ``e*C .. e*C + count_e``, the rest zero
+        rows), the experts run on the block with every count C, and their outputs are
+        gathered back into the plan's row order for the one combine.
+        """
+        if route.capacity is None:
+            raise ValueError(
+                "pad_to_capacity: True needs a per-expert capacity, got a dropless routing "
+                f"(the router's capacity_factor is {self.router.capacity_factor})"
+            )
+        experts = self.experts
+        plan = dispatch.plan_dispatch(route)
+        real = experts.num_experts
+        rows = dispatch.max_rows_per_expert(route)
+        if rows is None:  # a capacity counted over real tokens: only known on the device
+            rows = min(int(route.capacity), route.num_tokens)
+        rows = max(rows, 1)  # a zero-row block would leave the experts nothing to shape
+        num_rows = real * rows
+        # the expert of each sorted row (routed experts, then the zero-computation and
+        # dropped rows, which the padded block leaves out)
+        key_S = torch.where(route.kept, route.expert_ids, route.num_experts)[plan.order]
+        real_S = key_S < real
+        counts_E = plan.tokens_per_expert[:real]
+        starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+        expert_S = key_S.clamp(max=real - 1)
+        rank_S = torch.arange(key_S.numel(), device=key_S.device) - starts_E[expert_S]
+        # row num_rows is a sentinel that collects the rows left out, then is cut off
+        dest_S = torch.where(real_S, expert_S * rows + rank_S, num_rows)
+        token_rows_P = plan.token_rows.new_zeros(num_rows + 1).scatter_(0, dest_S, plan.token_rows)
+        valid_P = real_S.new_zeros(num_rows + 1).scatter_(0, dest_S, real_S)[:num_rows]
+        weights_P = plan.weights.new_zeros(num_rows + 1).scatter_(0, dest_S, plan.weights)
+        x_PD = x_ND.index_select(0, token_rows_P[:num_rows])
+        x_PD = torch.where(valid_P.unsqueeze(-1), x_PD, 0.0)
+        full_E = torch.full_like(counts_E, rows)
+        if type(experts).forward is not ExpertsBase.forward:  # the 0.2 interface
+            y_PD = experts(x_PD, full_E, max_rows_per_expert=rows)
+        else:
+            padded = dispatch.DispatchPlan(
+                order=torch.arange(num_rows, device=x_ND.device),
+                tokens_per_expert=full_E,
+                token_rows=token_rows_P[:num_rows],
+                weights=weights_P[:num_rows],
+                num_tokens=route.num_tokens,
+                slots_per_token=None,
+                max_rows_per_expert=rows,
+                backend=experts.resolve_backend(x_PD, rows),
+                fuse_combine=False,  # the padding rows must be dropped before the combine
+            )
+            y_PD = experts(x_PD, full_E, plan=padded)
+        # padding rows contribute nothing: their outputs are discarded, not merely weighted 0
+        y_PD = torch.where(valid_P.unsqueeze(-1), y_PD, 0.0)
+        y_sorted_SD = torch.cat([y_PD, y_PD.new_zeros(1, y_PD.shape[-1])]).index_select(0, dest_S)
+        return dispatch.combine(y_sorted_SD, plan), plan
 
     def _shared_forward(self, x_ND: Tensor, mask_BT: Tensor | None) -> Tensor:
         assert self.shared_experts is not None
@@ -298,15 +609,25 @@ class MoELayer(AuxLossModule):
     def _empty_forward(self, x: Tensor) -> Tensor:
         self._pending = None
         zero = torch.zeros((), device=x.device)
-        num_routes = self.num_experts + self.num_noop_experts
+        num_routes = self.num_experts + sum(self.zero_computation_experts.values())
         empty = torch.zeros(num_routes, dtype=torch.long, device=x.device)
         self._set_aux(zero, {})
-        self._stats = RoutingStats(empty, zero.long(), zero.long(), zero.long(), zero.long())
+        spans = self._stats_spans() or {}
+        self._stats = RoutingStats(
+            empty, zero.long(), zero.long(), zero.long(), zero.long(),
+            zero_computation_slots={kind: zero.long() for kind in spans},
+        )  # fmt: skip
         # keep the graph connected so backward on an empty batch still works
         return x * 0
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}"
+        extra = ""
+        zc = {kind: n for kind, n in self.zero_computation_experts.items() if n}
+        if zc:
+            extra += f", zero_computation_experts={zc}"
+        if self.pad_to_capacity:
+            extra += ", pad_to_capacity=True"
+        return f"dim={self.dim}, num_experts={self.num_experts}{extra}"
 
 
 def _check_same_device(router: Router, experts: nn.Module) -> None:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,10 @@ class RoutingStats:
             inf (non-finite router weights show here). They are routed like any other token
             (their own output is then non-finite); in dropless top-k routing no other token's
             output is affected.
+        zero_computation_slots: kind (``"zero"``, ``"copy"``, ``"constant"``) -> 0-dim int64,
+            kept slots sent to that kind of zero-computation expert (MoE++; ``MoELayer``'s
+            ``zero_computation_experts`` / ``num_noop_experts``); empty for a layer without
+            them. These experts are also the last entries of ``tokens_per_expert``.
     """
 
     tokens_per_expert: Tensor
@@ -57,6 +61,17 @@ class RoutingStats:
     router_entropy: Tensor = field(default_factory=lambda: torch.zeros(()))
     top1_confidence: Tensor = field(default_factory=lambda: torch.zeros(()))
     nonfinite_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    zero_computation_slots: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def zero_computation_fraction(self) -> Tensor:
+        """0-dim float32: the share of kept slots that went to zero-computation experts (the
+        compute MoE++ saves; 0 for a layer without them)."""
+        kept = self.tokens_per_expert.sum().clamp_min(1).float()
+        if not self.zero_computation_slots:
+            return torch.zeros((), device=kept.device)
+        total = torch.stack(list(self.zero_computation_slots.values())).sum()
+        return total.float() / kept
 
     @property
     def utilisation(self) -> Tensor:
@@ -95,10 +110,15 @@ class RoutingStats:
 
 
 def routing_stats_from(
-    route: RouterOutput, plan: DispatchPlan, x_ND: Tensor | None = None
+    route: RouterOutput,
+    plan: DispatchPlan,
+    x_ND: Tensor | None = None,
+    *,
+    zero_computation: Mapping[str, tuple[int, int]] | None = None,
 ) -> RoutingStats:
     """Statistics of one routing and its dispatch plan; ``x_ND`` ``[N, D]`` (the routed input)
-    adds the count of non-finite tokens."""
+    adds the count of non-finite tokens; ``zero_computation`` (kind -> ``[start, end)`` of its
+    expert ids) adds the per-kind counts of kept slots sent to zero-computation experts."""
     num_tokens = route.num_tokens
     if route.token_mask is None:
         real_tokens = torch.tensor(num_tokens, device=route.kept.device)
@@ -121,8 +141,13 @@ def routing_stats_from(
     if route.token_mask is not None:
         nonfinite_N = nonfinite_N & route.token_mask
     nonfinite = nonfinite_N.sum()
+    tokens_per_expert = plan.tokens_per_expert.detach()
+    zero_computation_slots = {
+        kind: tokens_per_expert[start:end].sum()
+        for kind, (start, end) in (zero_computation or {}).items()
+    }
     return RoutingStats(
-        tokens_per_expert=plan.tokens_per_expert.detach(),
+        tokens_per_expert=tokens_per_expert,
         num_tokens=real_tokens,
         requested_slots=requested,
         dropped_slots=dropped,
@@ -131,6 +156,7 @@ def routing_stats_from(
         router_entropy=entropy,
         top1_confidence=confidence,
         nonfinite_tokens=nonfinite,
+        zero_computation_slots=zero_computation_slots,
     )
 
 
@@ -172,7 +198,9 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
 
     Each row holds ``num_tokens``, ``dropped_fraction``, ``unrouted_fraction``,
     ``load_imbalance`` (max/mean load), ``router_entropy`` (nats), ``top1_confidence``,
-    ``dead_experts`` and ``tokens_per_expert`` (a list of E ints): size O(layers * E),
+    ``dead_experts`` and ``tokens_per_expert`` (a list of E ints), and for layers with
+    zero-computation experts ``zero_computation_slots`` (kind -> int) and
+    ``zero_computation_fraction``: size O(layers * E),
     whatever the batch. Values describe each layer's *last* forward. All tensors are moved to
     the host at once (one sync), so calling it every few steps is cheap.
 
@@ -191,18 +219,34 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
             layers.append((name, stats))
     if not layers:
         return {}
-    scalar_rows = []
+    # one flat vector for every layer's scalars (and zero-computation counts): one host sync
+    values: list[Tensor] = []
     for _, stats in layers:
-        values = [getattr(stats, key).detach().float().reshape(()).cpu() for key in _SCALARS]
-        scalar_rows.append(torch.stack(values))
-    scalars = torch.stack(scalar_rows).tolist()
+        values += [getattr(stats, key).detach().float().reshape(()).cpu() for key in _SCALARS]
+        if stats.zero_computation_slots:
+            values.append(stats.zero_computation_fraction.detach().float().reshape(()).cpu())
+            values += [
+                v.detach().float().reshape(()).cpu() for v in stats.zero_computation_slots.values()
+            ]
+    flat = torch.stack(values).tolist()
     table: dict[str, LayerStats] = {}
-    for (name, stats), row in zip(layers, scalars, strict=True):
+    at = 0
+    for name, stats in layers:
+        row = flat[at : at + len(_SCALARS)]
+        at += len(_SCALARS)
         entry: LayerStats = {
             key: int(value) if key in _INT_FIELDS else float(value)
             for key, value in zip(_SCALARS, row, strict=True)
         }
         entry["tokens_per_expert"] = [int(v) for v in stats.tokens_per_expert.tolist()]
+        if stats.zero_computation_slots:
+            entry["zero_computation_fraction"] = float(flat[at])
+            kinds = list(stats.zero_computation_slots)
+            counts = flat[at + 1 : at + 1 + len(kinds)]
+            entry["zero_computation_slots"] = {
+                kind: int(count) for kind, count in zip(kinds, counts, strict=True)
+            }
+            at += 1 + len(kinds)
         table[name or "<root>"] = entry
     return table
 

@@ -234,6 +234,59 @@ def _check_every_reaches_a_layer(every: int, layer_lists: list[nn.ModuleList], d
         )
 
 
+def _micro_batch_share(module: nn.Module, kwargs: dict[str, Any]) -> Tensor | float | None:
+    """This call's share of the accumulated batch's label tokens, or None outside accumulation.
+
+    ``transformers.Trainer`` (with a model that accepts loss kwargs, as every causal LM does)
+    passes ``num_items_in_batch``: the label tokens of all micro-batches of one optimizer step.
+    The model's LM loss is then ``sum / num_items_in_batch`` and Trainer does *not* divide it by
+    the accumulation steps, so a per-call aux loss added unscaled would be counted once per
+    micro-batch (twice the weight at ``gradient_accumulation_steps=2``). Weighting it by the
+    call's own label count over ``num_items_in_batch``, counted as Trainer counts (``shift_labels``
+    if given, else ``labels[..., 1:]`` for a decoder-only causal LM, else ``labels``), gives it
+    the weight its LM loss has; the weights of one optimizer step sum to 1.
+    """
+    total = kwargs.get("num_items_in_batch")
+    if total is None:
+        return None
+    labels = kwargs.get("shift_labels")
+    if not isinstance(labels, Tensor):
+        labels = kwargs.get("labels")
+        if not isinstance(labels, Tensor):
+            return None
+        config = getattr(module, "config", None)
+        shifts = getattr(module, "loss_type", None) == "ForCausalLM" and not getattr(
+            config, "is_encoder_decoder", False
+        )
+        if shifts:
+            labels = labels[..., 1:]
+    count = labels.ne(-100).sum()
+    if isinstance(total, Tensor):
+        return count / total.to(count.device)
+    return float(count) / float(total)
+
+
+def _add_aux_loss(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+    """The forward hook of :func:`attach_aux_loss` (module level: a hooked model pickles)."""
+    loss = getattr(output, "loss", None)
+    if not isinstance(loss, Tensor):
+        return output
+    extra = aux_loss(module).to(device=loss.device, dtype=loss.dtype)
+    share = _micro_batch_share(module, kwargs)
+    if share is not None:
+        # transformers' own router term (converted MoE models with output_router_logits) is
+        # added per call unscaled too: give it the same micro-batch weight as the LM loss
+        own_aux = getattr(output, "aux_loss", None)
+        coef = getattr(module, "router_aux_loss_coef", None)
+        if isinstance(own_aux, Tensor) and isinstance(coef, (int, float)) and coef != 0:
+            own = coef * own_aux.to(device=loss.device, dtype=loss.dtype)
+            loss = loss - own
+            extra = extra + own
+        extra = extra * share
+    output.loss = loss + extra
+    return output
+
+
 def attach_aux_loss(model: nn.Module) -> RemovableHandle:
     """Make ``model(...).loss`` include ``pm.aux_loss(model)`` whenever the model returns a loss.
 
@@ -243,6 +296,16 @@ def attach_aux_loss(model: nn.Module) -> RemovableHandle:
     all see the sum. This is what ``transformers.Trainer`` reads, so no callback or
     ``compute_loss`` override is needed. Calls without labels (``generate()``, evaluation
     logits) are untouched. Attaching twice is a no-op returning the first handle.
+
+    Gradient accumulation: when the call carries ``num_items_in_batch`` (``transformers.Trainer``
+    passes it; the LM loss is then a share of the whole accumulated batch and Trainer does not
+    divide by the accumulation steps), the aux terms (``pm.aux_loss(model)`` and, for a converted
+    MoE model, ``transformers``' own ``router_aux_loss_coef * outputs.aux_loss``) are weighted by
+    the call's share of the accumulated label tokens, the weight its LM loss has. The aux loss
+    of one optimizer step is then the token-weighted mean of its micro-batches' aux losses, not
+    their sum: with identical micro-batches, accumulated gradients equal one big batch's. A call
+    without ``num_items_in_batch`` (a plain loop, ``gradient_accumulation_steps=1`` without
+    loss kwargs) adds ``pm.aux_loss(model)`` as is.
 
     Tuple outputs (``return_dict=False``) are not modified: add ``pm.aux_loss(model)`` to the
     loss yourself there.
@@ -255,13 +318,6 @@ def attach_aux_loss(model: nn.Module) -> RemovableHandle:
     existing = getattr(model, _HOOK_ATTR, None)
     if isinstance(existing, RemovableHandle) and existing.id in model._forward_hooks:
         return existing
-
-    def add_aux(module: nn.Module, args: Any, output: Any) -> Any:
-        loss = getattr(output, "loss", None)
-        if isinstance(loss, Tensor):
-            output.loss = loss + aux_loss(module).to(device=loss.device, dtype=loss.dtype)
-        return output
-
-    handle = model.register_forward_hook(add_aux)
+    handle = model.register_forward_hook(_add_aux_loss, with_kwargs=True)
     object.__setattr__(model, _HOOK_ATTR, handle)
     return handle

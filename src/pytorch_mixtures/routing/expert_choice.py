@@ -6,6 +6,7 @@ Shape legend: B batch, T sequence, N = B*T tokens, D model dim, E experts, C tok
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch import Tensor
 from ..checks import check_capacity_factor, check_int, check_nonnegative_float
 from ..losses import router_z_loss
 from .base import Router, RouterOutput
-from .capacity import expert_choice_capacity
+from .capacity import check_drop_policy, expert_choice_capacity
 
 __all__ = ["ExpertChoiceRouter"]
 
@@ -49,9 +50,14 @@ class ExpertChoiceRouter(Router):
             ``capacity_factor``).
         z_loss_coef: weight of the z-loss in ``aux_loss`` (default 0).
         init_std: std of the router weight init (default 0.02).
+        drop_policy: only ``"probs"``, accepted so code written for both routers can pass it:
+            each expert keeps its C highest-scoring tokens by construction (which tokens no
+            expert keeps depends on the scores, never on position). ``"position"`` is refused.
     """
 
     is_causal = False
+    #: an expert keeps its highest-scoring tokens: the "probs" policy, by construction
+    drop_policy: Literal["probs"] = "probs"
 
     def __init__(
         self,
@@ -62,8 +68,15 @@ class ExpertChoiceRouter(Router):
         capacity: int | float | None = None,
         z_loss_coef: float = 0.0,
         init_std: float | None = None,
+        drop_policy: Literal["probs"] = "probs",
     ) -> None:
         super().__init__(dim, num_experts, init_std)
+        if check_drop_policy(drop_policy) != "probs":
+            raise ValueError(
+                f"drop_policy: expected 'probs' for ExpertChoiceRouter (each expert keeps its "
+                f"highest-scoring tokens; position-based dropping is a token-choice policy), "
+                f"got {drop_policy!r}"
+            )
         self.expert_capacity: int | float | None = None
         if capacity is None:
             factor = 1.0 if capacity_factor is None else capacity_factor

@@ -27,7 +27,7 @@ from ..losses import (
     router_z_loss,
 )
 from .base import Decision, Router, RouterOutput, token_major_output
-from .capacity import token_choice_keep
+from .capacity import DropPolicy, check_drop_policy, token_choice_keep
 from .selection import group_limited_scores, softplus_noise_std
 
 __all__ = ["TopKRouter", "TopKSchemes", "TopkRouter", "update_expert_bias"]
@@ -176,7 +176,11 @@ class TopKRouter(Router):
     ``C = ceil(cf * tokens * top_k / num_experts)`` slots, filled as in GShard: all first choices
     in token order, then all second choices, and so on. Overflow slots are dropped for that
     expert only (the token's output gets zero from that slot; the caller's residual carries it)
-    and are counted in the layer's ``stats``.
+    and are counted in the layer's ``stats``. ``drop_policy`` says which slots an overfull
+    expert keeps: ``"position"`` (the default, GShard: earlier slots in that priority order)
+    or ``"probs"`` (Megatron-Core's ``moe_token_drop_policy="probs"``, DeepSpeed's
+    ``drop_policy="probs"``: the C slots with the highest combine weight, so the
+    lowest-scoring slots are dropped first; ties go to the earlier slot in priority order).
 
     Aux losses (``RouterOutput.aux_losses``): ``load_balancing`` (Switch/GShard form, equals
     ``top_k`` at perfect balance; for sigmoid scores the scores are normalised per token first)
@@ -228,6 +232,8 @@ class TopKRouter(Router):
         group_score: ``"auto"``, ``"top2_sum"`` or ``"max"``.
         routed_scaling_factor: > 0, multiplies the combine weights.
         balance: ``"batch"`` (Switch/GShard over all tokens) or ``"sequence"`` (per sequence).
+        drop_policy: ``"position"`` or ``"probs"``: which slots an overfull expert keeps in
+            capacity mode (no effect when dropless); may be reassigned later (validated).
     """
 
     is_causal = True
@@ -265,8 +271,10 @@ class TopKRouter(Router):
         group_score: GroupScore = "auto",
         routed_scaling_factor: float = 1.0,
         balance: BalanceMode = "batch",
+        drop_policy: DropPolicy = "position",
     ) -> None:
         super().__init__(dim, num_experts, init_std)
+        self.drop_policy = drop_policy
         self.top_k = top_k
         self.capacity_factor = check_capacity_factor(capacity_factor)
         if score_func not in ("softmax", "sigmoid"):
@@ -312,6 +320,16 @@ class TopKRouter(Router):
         # real-forward load counts since the last bias update; a plain attribute, not a buffer,
         # so DDP's buffer broadcast cannot overwrite one rank's counts with another's
         self._load_counts: Tensor | None = None
+
+    @property
+    def drop_policy(self) -> DropPolicy:
+        """``"position"`` or ``"probs"``: which slots an overfull expert keeps (validated when
+        assigned)."""
+        return self._drop_policy
+
+    @drop_policy.setter
+    def drop_policy(self, value: DropPolicy) -> None:
+        self._drop_policy = check_drop_policy(value)
 
     @property
     def top_k(self) -> int:
@@ -442,9 +460,12 @@ class TopKRouter(Router):
             balance_probs_NE = probs_NE
         else:
             balance_probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        # the "probs" policy ranks by the combine weights (before the routed scaling factor,
+        # a constant that cannot change the order), as Megatron-Core does
         kept_NK, capacity = token_choice_keep(
-            expert_ids_NK, mask_N, self.capacity_factor, self.num_experts, self._capacity_ratio
-        )
+            expert_ids_NK, mask_N, self.capacity_factor, self.num_experts, self._capacity_ratio,
+            drop_policy=self.drop_policy, scores_NK=gates_NK,
+        )  # fmt: skip
         aux_losses = self._aux_losses(
             batch_shape, clean_logits_NE, balance_probs_NE, expert_ids_NK, mask_BT
         )
@@ -566,6 +587,8 @@ class TopKRouter(Router):
             extra += f", routed_scaling_factor={self.routed_scaling_factor}"
         if self.balance != "batch":
             extra += f", balance={self.balance!r}"
+        if self.drop_policy != "position":
+            extra += f", drop_policy={self.drop_policy!r}"
         return (
             f"{super().extra_repr()}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
             f"score_func={self.score_func!r}, normalize_weights={self.normalize_weights}{extra}"
