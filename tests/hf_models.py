@@ -105,3 +105,62 @@ def tiny_moe_lm(
             if name.endswith("gate.weight") and param.dim() == 2 and "shared" not in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * router_std)
     return model.eval()
+
+
+def tiny_qwen3(vocab_size: int, *, seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A 2-layer dense Qwen3 (q/k norms, head_dim 8) in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return transformers.Qwen3ForCausalLM(config).eval()
+
+
+def tiny_deepseek_v3(vocab_size: int, *, seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A tiny DeepSeek-V3 (MLA attention, layer 0 dense, then MoE with 8 experts in 4 groups,
+    sigmoid scores, a shared expert, a nonzero ``e_score_correction_bias``) in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=64,
+    )
+    model = transformers.DeepseekV3ForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.1)
+    return model.eval()

@@ -8,6 +8,8 @@
 * :func:`moeify`: replace a dense model's MLPs with upcycled MoE layers (Komatsuzaki et al.
   2022), in place.
 * :func:`route_depths`: wrap a decoder's layers in Mixture-of-Depths (Raposo et al. 2024).
+* :func:`export_pretrained`: save a converted or upcycled model as a native ``transformers``
+  checkpoint (Mixtral, Qwen3-MoE, ...) that loads without this library.
 * :func:`attach_aux_loss`: make ``model(..., labels=...).loss`` include ``pm.aux_loss(model)``
   (what ``transformers.Trainer`` optimises).
 
@@ -16,6 +18,7 @@ imports it: the functions work on the modules you pass in.
 """
 
 from .depths import MoDDecoderLayer, route_depths
+from .export import export_pretrained
 from .hf import SwiGLUMLP, from_hf, from_hf_model, supported_blocks, to_hf
 from .hf_layer import HFMoELayer, MaskRouting, route_attention_mask
 from .upcycle import attach_aux_loss, moeify
@@ -26,6 +29,7 @@ __all__ = [
     "MoDDecoderLayer",
     "SwiGLUMLP",
     "attach_aux_loss",
+    "export_pretrained",
     "from_hf",
     "from_hf_model",
     "moeify",

@@ -568,6 +568,7 @@ def from_hf_model(
     balance_loss_coef: float = _BALANCE_COEF,
     z_loss_coef: float = _Z_COEF,
     route_mask: bool = True,
+    attach_loss: bool = True,
 ) -> nn.Module:
     """Replace every supported sparse-MoE block inside ``model`` by :func:`from_hf`, in place.
 
@@ -585,6 +586,16 @@ def from_hf_model(
         balance_loss_coef, z_loss_coef: passed to :func:`from_hf` (default 0).
         route_mask: call :func:`route_attention_mask` (not for encoder-decoder models, whose
             decoder has its own mask: Switch Transformers).
+        attach_loss: call :func:`~pytorch_mixtures.interop.attach_aux_loss`: a call's loss
+            then also includes ``pm.aux_loss(model)`` (0 with the default coefficients), and
+            under ``transformers.Trainer``'s gradient accumulation (``num_items_in_batch``)
+            ``transformers``' own aux term is weighted by the micro-batch's share of the
+            accumulated tokens, as its LM loss is, instead of once per micro-batch. Without
+            ``num_items_in_batch`` the loss is exactly ``transformers``'.
+
+    ``model.save_pretrained`` (and ``transformers.Trainer`` checkpoints) then write the
+    converted model's own layout, which Trainer resumes from exactly; to save the native
+    ``transformers`` layout use :func:`~pytorch_mixtures.interop.export_pretrained`.
 
     Returns:
         ``model`` itself, modified in place.
@@ -597,6 +608,8 @@ def from_hf_model(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(route_mask, bool):
         raise TypeError(f"route_mask: expected a bool, got {route_mask!r}")
+    if not isinstance(attach_loss, bool):
+        raise TypeError(f"attach_loss: expected a bool, got {attach_loss!r}")
     names = set(_families())
     targets = [
         (parent, child_name, child)
@@ -614,6 +627,16 @@ def from_hf_model(
         setattr(parent, child_name, converted)
     if route_mask:
         route_attention_mask(model)
+    if callable(getattr(model, "save_pretrained", None)):
+        # save_pretrained (and so every Trainer checkpoint) reverts transformers' weight
+        # conversions for the model_type, renaming the converted layers' keys (Mixtral:
+        # mlp -> block_sparse_moe), which Trainer's resume (a plain load_state_dict) then misses:
+        # an empty list saves the model's own layout; export_pretrained writes the native one
+        object.__setattr__(model, "_weight_conversions", [])
+    if attach_loss:
+        from .upcycle import attach_aux_loss  # upcycle imports this module: import late
+
+        attach_aux_loss(model)
     return model
 
 
