@@ -3,6 +3,7 @@ correct MoE, every candidate runs and reports, and the subcommand writes its JSO
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import pytorch_mixtures as pm
@@ -73,3 +74,25 @@ def test_decode_bench_tables_have_every_ratio():
         assert all(v > 0 for v in values.values()), what
     table = decode_bench.format_rows("t", rows)
     assert table.count("\n") == len(rows) + 2
+
+
+@pytest.mark.slow
+def test_decode_bench_compiled_rows():
+    """bench --decode --compile: compiled layer and generate rows, with the compiled models'
+    speed-up over their eager decoding (one repetition, no timing asserted)."""
+    from pytorch_mixtures.app import decode_bench
+
+    size = decode_bench.SIZES["small"]
+    rows = decode_bench.layer_table(size, repeats=1, inner=1, tokens=(1,), compile=True)
+    rows += decode_bench.generate_table(
+        size, repeats=1, prompt=4, new_tokens=3, batches=(2,), compile=True
+    )
+    assert [what for _, what, _ in rows] == [
+        "layer, 1 token",
+        "layer, 1 token, compiled",
+        "generate, batch 2",
+        "generate, compiled, batch 2",
+    ]
+    compiled = rows[-1][2]
+    assert {"moe x", "mod x", "dense vs eager", "moe vs eager", "mod vs eager"} <= compiled.keys()
+    assert all(v > 0 for _, _, values in rows for v in values.values())
