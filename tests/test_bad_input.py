@@ -59,6 +59,11 @@ def saved(tmp: Path, obj: object) -> Path:
     return path
 
 
+def replayed(module: nn.Module, record: dict, inp: torch.Tensor) -> object:
+    with pm.replay_routing(module, record):
+        return module(inp)
+
+
 class Opaque:
     """A class torch.load(weights_only=True) must refuse to unpickle."""
 
@@ -315,6 +320,23 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("prune no batches", lambda t: pm.prune_experts(layer(), keep=2, batches=[]), ValueError, ("batches", "at least one", "none")),
     ("prune batch of str", lambda t: pm.prune_experts(layer(), keep=2, batches=["text"]), TypeError, ("batches", "Tensor", "str")),
     ("prune model list", lambda t: pm.prune_experts([layer()], keep=2, batches=[x()]), TypeError, ("model", "nn.Module", "list")),
+    # --- routing replay and ReLU routing (routing frontier)
+    ("replay model type", lambda t: pm.record_routing("net").__enter__(), TypeError, ("model", "nn.Module", "str")),
+    ("replay no routers", lambda t: pm.record_routing(nn.Linear(D, D)).__enter__(), ValueError, ("model", "TopKRouter", "none")),
+    ("replay unsupported", lambda t: pm.record_routing(pm.ExpertChoiceRouter(D, E)).__enter__(), ValueError, ("model", "TopKRouter", "ExpertChoiceRouter")),
+    ("replay record type", lambda t: pm.replay_routing(topk(), "rec").__enter__(), TypeError, ("record", "dict", "str")),
+    ("replay unknown name", lambda t: pm.replay_routing(topk(), {"moe.router": []}).__enter__(), ValueError, ("record", "module names", "'moe.router'")),
+    ("replay entry type", lambda t: pm.replay_routing(topk(), {"": [1, 2]}).__enter__(), TypeError, ("record['']", "list of tensors", "list")),
+    ("replay shape", lambda t: replayed(topk(), {"": [torch.zeros(5, 2, dtype=torch.long)]}, x()), ValueError, ("record[''][0]", "(6, 2)", "(5, 2)")),
+    ("replay dtype", lambda t: replayed(topk(), {"": [torch.zeros(6, 2)]}, x()), TypeError, ("record[''][0]", "torch.int64", "torch.float32")),
+    ("replay ran out", lambda t: replayed(topk(), {"": []}, x()), ValueError, ("record", "call 1", "0 call(s)")),
+    ("relu target_k zero", lambda t: pm.ReLURouter(D, E, target_k=0), ValueError, ("target_k", f"[1, {E}]", "0")),
+    ("relu target_k > E", lambda t: pm.ReLURouter(D, E, target_k=E + 1), ValueError, ("target_k", f"[1, {E}]", f"{E + 1}")),
+    ("relu target_k float", lambda t: pm.ReLURouter(D, E, target_k=1.5), TypeError, ("target_k", "int", "1.5")),
+    ("relu alpha < 1", lambda t: pm.ReLURouter(D, E, l1_coef_alpha=0.5), ValueError, ("l1_coef_alpha", ">= 1", "0.5")),
+    ("relu l1 init", lambda t: pm.ReLURouter(D, E, l1_coef_init=-1.0), ValueError, ("l1_coef_init", ">= 0", "-1")),
+    ("relu capacity", lambda t: pm.MoELayer(D, pm.ReLURouter(D, E), pm.MLPExperts(E, D, 16), 1.25), ValueError, ("capacity_factor", "None", "1.25")),
+    ("relu flag", lambda t: pm.ReLURouter(D, E, load_balance="yes"), TypeError, ("load_balance", "True or False", "'yes'")),
 ]  # fmt: skip
 
 

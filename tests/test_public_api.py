@@ -66,6 +66,8 @@ def test_every_old_import_path_still_resolves(module_name):
 # names added after 0.2, by home module: each is exported from the package as the same object
 NEW_NAMES = {
     "pytorch_mixtures.pruning": "PruningReport expert_scores prune_experts",
+    "pytorch_mixtures.routing.relu": "ReLURouter",
+    "pytorch_mixtures.routing.replay": "RoutingRecord record_routing replay_routing",
 }
 
 
@@ -75,7 +77,12 @@ def test_new_public_names_are_exported_from_their_home(module_name):
     for name in NEW_NAMES[module_name].split():
         assert name in module.__all__ and name in pm.__all__, name
         assert getattr(pm, name) is getattr(module, name), name
-    assert "pruning" in pm.__all__ and pm.pruning is module
+    if module_name == "pytorch_mixtures.pruning":
+        assert "pruning" in pm.__all__ and pm.pruning is module
+    else:  # the routing frontier's homes are exported from pytorch_mixtures.routing too
+        routing = importlib.import_module("pytorch_mixtures.routing")
+        for name in NEW_NAMES[module_name].split():
+            assert name in routing.__all__ and getattr(routing, name) is getattr(module, name)
 
 
 def test_every_top_level_name_is_public_and_resolves():

@@ -50,6 +50,9 @@ class RoutingStats:
             kept slots sent to that kind of zero-computation expert (MoE++; ``MoELayer``'s
             ``zero_computation_experts`` / ``num_noop_experts``); empty for a layer without
             them. These experts are also the last entries of ``tokens_per_expert``.
+        active_experts_per_token: 0-dim float32, mean over real tokens of the kept slots per
+            token (the realised number of active experts: ``top_k`` for dropless top-k, fewer
+            with drops; variable for ``ReLURouter``, whose target is ``target_k``).
     """
 
     tokens_per_expert: Tensor
@@ -62,6 +65,7 @@ class RoutingStats:
     top1_confidence: Tensor = field(default_factory=lambda: torch.zeros(()))
     nonfinite_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     zero_computation_slots: Mapping[str, Tensor] = field(default_factory=dict)
+    active_experts_per_token: Tensor = field(default_factory=lambda: torch.zeros(()))
 
     @property
     def zero_computation_fraction(self) -> Tensor:
@@ -133,6 +137,9 @@ def routing_stats_from(
     unrouted_N = kept_per_token_N.eq(0)
     if route.token_mask is not None:
         unrouted_N = unrouted_N & route.token_mask
+        kept_per_token_N = torch.where(route.token_mask, kept_per_token_N, 0)
+    # kept slots of real tokens / real tokens (padding's slots are never kept)
+    active = kept_per_token_N.sum().float() / real_tokens.clamp_min(1).float()
     entropy, confidence = _router_confidence(route)
     # a token whose input or router logits hold NaN/inf (NaN router weights show here too)
     nonfinite_N = ~torch.isfinite(route.logits.detach()).all(dim=-1)
@@ -157,6 +164,7 @@ def routing_stats_from(
         top1_confidence=confidence,
         nonfinite_tokens=nonfinite,
         zero_computation_slots=zero_computation_slots,
+        active_experts_per_token=active,
     )
 
 
@@ -189,6 +197,7 @@ _SCALARS = (
     "router_entropy",
     "top1_confidence",
     "dead_experts",
+    "active_experts_per_token",
 )
 _INT_FIELDS = {"num_tokens", "dead_experts"}
 
@@ -198,7 +207,8 @@ def routing_stats(model: nn.Module) -> dict[str, LayerStats]:
 
     Each row holds ``num_tokens``, ``dropped_fraction``, ``unrouted_fraction``,
     ``load_imbalance`` (max/mean load), ``router_entropy`` (nats), ``top1_confidence``,
-    ``dead_experts`` and ``tokens_per_expert`` (a list of E ints), and for layers with
+    ``dead_experts``, ``active_experts_per_token`` and ``tokens_per_expert`` (a list of E
+    ints), and for layers with
     zero-computation experts ``zero_computation_slots`` (kind -> int) and
     ``zero_computation_fraction``: size O(layers * E),
     whatever the batch. Values describe each layer's *last* forward. All tensors are moved to

@@ -141,3 +141,70 @@ def naive_reap_scores(
                 sums[e] += float(w) * float(fns[e](x_ND[n]).norm())
                 counts[e] += 1
     return [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)], counts
+
+
+def naive_relu_moe(
+    x_ND: Tensor,
+    gate_weight_ED: Tensor,
+    fns: Sequence[ExpertFn],
+    token_mask: Sequence[bool] | None = None,
+) -> tuple[Tensor, list[list[int]]]:
+    """ReMoE (Wang et al. 2025): each token's weights are relu(logits); its output is the sum of
+    the weighted outputs of the experts with a nonzero weight. Returns (output [N, D], each
+    token's active experts)."""
+    rows, active = [], []
+    for n in range(x_ND.shape[0]):
+        out = torch.zeros_like(x_ND[n])
+        used: list[int] = []
+        if token_mask is None or token_mask[n]:
+            weights = torch.relu(gate_weight_ED @ x_ND[n])
+            for e in range(gate_weight_ED.shape[0]):
+                if float(weights[e].detach()) > 0:
+                    used.append(e)
+                    out = out + weights[e] * fns[e](x_ND[n])
+        rows.append(out)
+        active.append(used)
+    return torch.stack(rows), active
+
+
+def naive_relu_l1(
+    x_ND: Tensor, gate_weight_ED: Tensor, target_k: int, load_balance: bool
+) -> Tensor:
+    """ReMoE's L1 term: (1/T) sum_t sum_e f_e R_te, f_e = E/(kT) sum_t 1[R_te > 0] (f_e = 1
+    without load balancing)."""
+    num_tokens, num_experts = x_ND.shape[0], gate_weight_ED.shape[0]
+    weights = [torch.relu(gate_weight_ED @ x_ND[n]) for n in range(num_tokens)]
+    total = torch.zeros((), dtype=x_ND.dtype)
+    for e in range(num_experts):
+        count = sum(1 for n in range(num_tokens) if float(weights[n][e].detach()) > 0)
+        f_e = num_experts * count / (target_k * num_tokens) if load_balance else 1.0
+        for n in range(num_tokens):
+            total = total + f_e * weights[n][e]
+    return total / num_tokens
+
+
+def naive_replayed_topk_moe(
+    x_ND: Tensor,
+    gate_weight_ED: Tensor,
+    fns: Sequence[ExpertFn],
+    expert_ids_NK: Tensor,
+    score_func: str,
+    normalize: bool,
+    scaling: float = 1.0,
+) -> Tensor:
+    """Top-k MoE with the experts forced to recorded ids (routing replay, dropless): each token's
+    weights are its current scores at those ids, renormalised when asked, times ``scaling``."""
+    rows = []
+    for n in range(x_ND.shape[0]):
+        logits = gate_weight_ED @ x_ND[n]
+        scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+        experts = [int(e) for e in expert_ids_NK[n]]
+        weights = [scores[e] for e in experts]
+        if normalize:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        out = torch.zeros_like(x_ND[n])
+        for e, w in zip(experts, weights, strict=True):
+            out = out + scaling * w * fns[e](x_ND[n])
+        rows.append(out)
+    return torch.stack(rows)

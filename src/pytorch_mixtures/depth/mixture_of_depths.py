@@ -56,6 +56,7 @@ from ..checks import (
 )
 from ..losses import AuxLossModule
 from ..routing.capacity import capacity_ratio, ceil_scaled
+from ..routing.replay import ReplayState
 from .adapters import BlockAdapter
 
 __all__ = [
@@ -153,6 +154,11 @@ class MixtureOfDepths(AuxLossModule):
         loss = task_loss + pm.aux_loss(model)        # trains the causal predictor
         mod.eval(); y = mod(x)                       # causal, per-token decisions
     """
+
+    #: :func:`pytorch_mixtures.record_routing` records and replays the ``[B, T]`` selection
+    supports_routing_replay = True
+    #: set on the instance only while a record / replay context is open (routing/replay.py)
+    _routing_replay: ReplayState | None = None
 
     def __init__(
         self,
@@ -281,6 +287,12 @@ class MixtureOfDepths(AuxLossModule):
             selected_BT = (prob_BT > self.threshold) & real_BT
         else:
             selected_BT = self._topk_membership(r_BT, real_BT, real_BT.sum(-1))
+        replay = self._routing_replay
+        if replay is not None:  # routing replay: record this selection, or use the recorded one
+            if replay.replaying:
+                selected_BT = replay.take(tuple(r_BT.shape), torch.bool, x.device) & real_BT
+            else:
+                replay.record(selected_BT)
 
         agreement = None
         if self.training and self.causal_router != "none":

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from ..checks import (
     check_nonnegative_float,
 )
 from .capacity import capacity_ratio
+
+if TYPE_CHECKING:
+    from .replay import ReplayState
 
 __all__ = ["Decision", "Router", "RouterOutput", "token_major_output"]
 
@@ -138,6 +142,10 @@ class Router(nn.Module):
     uses_token_ids: bool = False
     #: routers without a learned gate (hash, uniform) set this False: no unused parameters
     has_gate: bool = True
+    #: routers whose selection :func:`pytorch_mixtures.record_routing` can record and replay
+    supports_routing_replay: bool = False
+    #: set on the instance only while a record / replay context is open (routing/replay.py)
+    _routing_replay: ReplayState | None = None
     gate: nn.Linear
 
     def __init__(self, dim: int, num_experts: int, init_std: float | None = None) -> None:

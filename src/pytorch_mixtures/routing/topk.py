@@ -237,6 +237,7 @@ class TopKRouter(Router):
     """
 
     is_causal = True
+    supports_routing_replay = True
     expert_bias: Tensor | None
     noisy_gating = _Scheme[bool]()
     noise_min_std = _Scheme[float]()
@@ -406,7 +407,10 @@ class TopKRouter(Router):
         clean_logits_NE = self._logits(x_ND)
         logits_NE, noise_std_NE = self._noisy_logits(x_ND, clean_logits_NE)
         probs_NE = self._scores(logits_NE)
-        expert_ids_NK, gates_NK = self._select(probs_NE)
+        if self._routing_replay is None:
+            expert_ids_NK, gates_NK = self._select(probs_NE)
+        else:
+            expert_ids_NK, gates_NK = self._replay_select(probs_NE)
         if self.expert_bias is not None and self.training and not _in_autograd_backward():
             self._count_loads(expert_ids_NK, None if mask_BT is None else mask_BT.reshape(-1))
         return self._output(
@@ -418,8 +422,8 @@ class TopKRouter(Router):
         """Eval routing for the decode path: the same experts and weights as :meth:`forward`'s
         (dropless, no noise, no jitter), without aux losses or load counting. None in training
         and with a capacity (drops depend on the whole batch)."""
-        if self.training or self.capacity_factor is not None:
-            return None
+        if self.training or self.capacity_factor is not None or self._routing_replay is not None:
+            return None  # (under record / replay the full path runs: the same arithmetic)
         logits_NE = self._logits(x_ND)
         plain = self.expert_bias is None and not self.schemes.group_limited
         if plain and self.score_func == "softmax" and self.normalize_weights:
@@ -528,6 +532,25 @@ class TopKRouter(Router):
         else:
             expert_ids_NK = select_NE.topk(self.top_k, dim=-1).indices
             gates_NK = probs_NE.gather(-1, expert_ids_NK)
+        if self.normalize_weights:
+            gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return expert_ids_NK, gates_NK
+
+    def _replay_select(self, probs_NE: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_select` under routing replay (routing/replay.py): recording, the selection
+        is made and its ``[N, K]`` int64 ids recorded; replaying, the recorded ids are taken and
+        the gates are the current scores ``probs_NE`` ``[N, E]`` there, renormalised as
+        :meth:`_select` does (so the router gets gradient and same weights give the same bits).
+        """
+        state = self._routing_replay
+        assert state is not None
+        if not state.replaying:
+            expert_ids_NK, gates_NK = self._select(probs_NE)
+            state.record(expert_ids_NK)
+            return expert_ids_NK, gates_NK
+        shape = (probs_NE.shape[0], self.top_k)
+        expert_ids_NK = state.take(shape, torch.long, probs_NE.device)
+        gates_NK = probs_NE.gather(-1, expert_ids_NK)
         if self.normalize_weights:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return expert_ids_NK, gates_NK
