@@ -93,3 +93,49 @@ def test_hf_llama_adapter_at_full_capacity_is_the_causal_layer():
     pos = torch.arange(7).expand(2, -1)
     expected = torch.cat([_hf_reference(layer, rotary, x[b : b + 1], pos[:1]) for b in range(2)])
     torch.testing.assert_close(mod(x), expected)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_llama_adapter_with_a_kv_cache_equals_the_full_call(attn):
+    """Prefill then one token at a time through a DynamicCache: each step's output equals the
+    full sequence's (eval, per-token decisions), left padding included; the layer's cache
+    holds only the processed tokens."""
+    from transformers.cache_utils import DynamicCache
+
+    layer, rotary = _llama(attn)
+    mod = pm.MixtureOfDepths(pm.HFDecoderLayerAdapter(layer, rotary), 32, capacity=0.5).eval()
+    for linear in mod.predictor.modules():  # spread the untrained predictor's decisions
+        if isinstance(linear, nn.Linear):
+            nn.init.normal_(linear.weight, std=1.0)
+    x = torch.randn(3, 10, 32)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, :3] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    mod.calibrate_threshold(x, mask)
+    with torch.no_grad():
+        want = mod(x, attention_mask=mask, position_ids=pos)
+        processed = mod.stats.processed_per_row
+        assert 0 < int(processed.sum()) < int(mask.sum())
+        cache = DynamicCache()
+        steps = [mod(x[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], cache=cache)]
+        for t in range(6, 10):
+            sl = slice(t, t + 1)
+            steps.append(
+                mod(x[:, sl], attention_mask=mask[:, sl], position_ids=pos[:, sl], cache=cache)
+            )
+    got = torch.cat(steps, dim=1)
+    torch.testing.assert_close(got[mask], want[mask])
+    entry = cache.layers[0]
+    assert isinstance(entry, pm.interop.MoDCacheLayer)
+    assert torch.equal(entry.valid.sum(-1), processed)
+
+
+def test_hf_adapter_cache_needs_a_layer_index():
+    transformers = pytest.importorskip("transformers")
+    layer, rotary = _llama("sdpa")
+    adapter = pm.HFDecoderLayerAdapter(nn.Identity(), rotary)
+    assert adapter.layer_idx is None and pm.HFDecoderLayerAdapter(layer, rotary).layer_idx == 0
+    x, pos = torch.randn(1, 2, 32), torch.arange(2)[None]
+    cache = transformers.DynamicCache()
+    with pytest.raises(ValueError, match=r"cache: expected the layer to have self_attn.layer_idx"):
+        adapter(x, pos, None, cache=cache)

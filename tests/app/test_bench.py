@@ -96,3 +96,26 @@ def test_decode_bench_compiled_rows():
     compiled = rows[-1][2]
     assert {"moe x", "mod x", "dense vs eager", "moe vs eager", "mod vs eager"} <= compiled.keys()
     assert all(v > 0 for _, _, values in rows for v in values.values())
+
+
+def test_hf_mod_generate_table_one_repetition():
+    """bench --decode's HF Mixture-of-Depths row, tiny and once: both ratios and every
+    candidate's tokens/s are there and positive."""
+    pytest.importorskip("transformers")
+    from pytorch_mixtures.app import decode_bench
+
+    rows = decode_bench.hf_mod_generate_table(
+        repeats=1, dim=32, num_layers=2, num_heads=4, prompt=6, new_tokens=3
+    )
+    assert len(rows) == 1
+    _, what, values = rows[0]
+    assert "hf llama generate" in what
+    for key in (
+        "mod cache x",
+        "mod no-cache x cache",
+        "dense tok/s",
+        "mod cache tok/s",
+        "mod no-cache tok/s",
+    ):
+        assert values[key] > 0, key
+    assert "hf llama generate" in decode_bench.format_rows("t", rows)

@@ -551,6 +551,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
 
 
 def _run_decode_cli(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from . import decode_bench
 
     torch.set_num_threads(args.threads)
@@ -571,10 +573,16 @@ def _run_decode_cli(args: argparse.Namespace) -> int:
         )
         if where == decode_bench.CPU:  # (the training step is a CPU table)
             tables["train step"] += decode_bench.train_table(size, repeats=args.repeats)
+    if importlib.util.find_spec("transformers") is not None:  # an optional extra
+        tables["hf mod generate"] = decode_bench.hf_mod_generate_table(
+            repeats=args.repeats, where=where
+        )
     titles = {
         "layer": "one layer, eval, no grad: time / dense SwiGLU of width k*H (x), microseconds",
         "generate": "generate() with the KV cache: time per token / dense (x), tokens/s",
         "train step": "training step (forward, backward, AdamW): time / dense (x), milliseconds",
+        "hf mod generate": "HF generate(), Mixture-of-Depths: with its KV cache / dense (x), "
+        "without / with (x), tokens/s",
     }
     for key, rows in tables.items():
         if rows:

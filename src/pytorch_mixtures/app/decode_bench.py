@@ -39,6 +39,7 @@ __all__ = [
     "Where",
     "format_rows",
     "generate_table",
+    "hf_mod_generate_table",
     "layer_table",
     "train_table",
 ]
@@ -272,6 +273,77 @@ def train_table(size: DecodeSize, *, repeats: int, batch: int = 8, seq: int = 12
     values = {f"{kind} x": ratios[kind] for kind in ("moe", "mod")}
     values |= {f"{kind} ms": 1e3 * seconds[kind] for kind in models}
     return [(size.name, f"train step, batch {batch}x{seq}", values)]
+
+
+def hf_mod_generate_table(
+    *,
+    repeats: int,
+    dim: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    prompt: int = 64,
+    new_tokens: int = 32,
+    batch: int = 1,
+    capacity: float = 0.125,
+    where: Where = CPU,
+) -> list[Row]:
+    """Hugging Face ``generate()`` (greedy) of a random Llama: dense, and routed by
+    :func:`~pytorch_mixtures.interop.route_depths` (``capacity`` on every other layer, eval
+    thresholds calibrated to it) with its KV cache and without (the prefix recomputed each
+    step). One row: ``mod cache x`` (time / dense), ``mod no-cache x cache`` (no-cache time /
+    cached time: the cache's speed-up) and tokens/s of each. Needs ``transformers``.
+
+    Timed with ``mod cache`` as the reference of the pairwise ratios, so both ratios are
+    medians of same-repetition pairs (``mod cache x`` is the reciprocal of dense / cached).
+    """
+    import copy
+
+    import transformers
+
+    from ..interop import route_depths
+
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=dim,
+        intermediate_size=(8 * dim // 3 + 63) // 64 * 64,  # Llama's ~8/3 ratio, a multiple of 64
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=prompt + new_tokens + 8,
+    )
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    mod = route_depths(copy.deepcopy(dense), capacity=capacity, every=2).eval()
+    for model in (dense, mod):
+        model.to(device=where.device, dtype=where.dtype)
+    gen = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, 512, (8, 128), generator=gen).to(where.device)
+    calibrate_thresholds(mod, lambda: mod(input_ids=windows))
+    ids = torch.randint(0, 512, (batch, prompt), generator=gen).to(where.device)
+    # min_new_tokens: an end-of-sequence token must not stop one candidate early
+    settings = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    # transformers' generate is untyped to mypy through nn.Module's __getattr__
+    generate_dense: Callable[..., object] = getattr(dense, "generate")  # noqa: B009
+    generate_mod: Callable[..., object] = getattr(mod, "generate")  # noqa: B009
+    fns: dict[str, Callable[[], object]] = {
+        "dense": partial(generate_dense, ids, use_cache=True, **settings),
+        "mod cache": partial(generate_mod, ids, use_cache=True, **settings),
+        "mod no-cache": partial(generate_mod, ids, use_cache=False, **settings),
+    }
+    with torch.no_grad():
+        ratios, seconds = _interleaved(fns, "mod cache", repeats, 1, where)
+    values = {
+        "mod cache x": 1.0 / ratios["dense"],
+        "mod no-cache x cache": ratios["mod no-cache"],
+    }
+    values |= {f"{name} tok/s": batch * new_tokens / seconds[name] for name in fns}
+    what = f"hf llama generate, dim {dim}, {num_layers} layers, prompt {prompt}, batch {batch}"
+    return [(f"hf c={capacity:g}", what, values)]
 
 
 def format_rows(title: str, rows: list[Row]) -> str:

@@ -7,7 +7,9 @@
   decoder layers call their MLP without it), so padding is neither routed nor counted.
 * :func:`moeify`: replace a dense model's MLPs with upcycled MoE layers (Komatsuzaki et al.
   2022), in place.
-* :func:`route_depths`: wrap a decoder's layers in Mixture-of-Depths (Raposo et al. 2024).
+* :func:`route_depths`: wrap a decoder's layers in Mixture-of-Depths (Raposo et al. 2024);
+  :class:`MoDCache` / :class:`MoDCacheLayer` (loaded on first access: they subclass
+  ``transformers``' cache classes) hold a routed layer's KV cache, routed tokens only.
 * :func:`export_pretrained`: save a converted or upcycled model as a native ``transformers``
   checkpoint (Mixtral, Qwen3-MoE, ...) that loads without this library.
 * :func:`attach_aux_loss`: make ``model(..., labels=...).loss`` include ``pm.aux_loss(model)``
@@ -23,9 +25,23 @@ from .hf import SwiGLUMLP, from_hf, from_hf_model, supported_blocks, to_hf
 from .hf_layer import HFMoELayer, MaskRouting, route_attention_mask
 from .upcycle import attach_aux_loss, moeify
 
+# the cache classes subclass transformers' own, so they load only when asked for
+_LAZY = {"MoDCache", "MoDCacheLayer"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from . import depth_cache
+
+        return getattr(depth_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "HFMoELayer",
     "MaskRouting",
+    "MoDCache",
+    "MoDCacheLayer",
     "MoDDecoderLayer",
     "SwiGLUMLP",
     "attach_aux_loss",

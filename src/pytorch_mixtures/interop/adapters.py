@@ -28,9 +28,13 @@ class HFDecoderLayerAdapter(BlockAdapter):
     float mask ``[B, 1, K, K]`` built from positions and validity (0 where ``pos_k <= pos_q`` and
     the key is valid, the dtype's minimum elsewhere), which is what eager and SDPA attention in
     ``transformers`` accept. Decoder layers return a tensor (transformers >= 4.56) or a tuple
-    whose first item is the hidden states; both are handled. Hugging Face's own KV ``Cache``
-    assumes every token reaches every layer, so decode with the full model there, or use the
-    reference decoder in :mod:`pytorch_mixtures.models`, whose cache is position-based.
+    whose first item is the hidden states; both are handled.
+
+    KV caches: with ``cache=`` a ``transformers`` ``Cache`` (a ``DynamicCache`` or
+    :class:`~pytorch_mixtures.interop.MoDCache`), this layer's entry is a
+    :class:`~pytorch_mixtures.interop.MoDCacheLayer` holding only the routed tokens' keys and
+    values with their positions and validity; the mask is then ``[B, 1, K, L_past + K]`` over
+    the stored keys and this call's, by the same position rule (never by the cache length).
 
     Args:
         layer: e.g. ``transformers.models.llama.modeling_llama.LlamaDecoderLayer``.
@@ -47,18 +51,67 @@ class HFDecoderLayerAdapter(BlockAdapter):
         self.layer = layer
         self.rotary_emb = rotary_emb
 
+    @property
+    def layer_idx(self) -> int | None:
+        """The index the layer's attention updates a KV cache under (``self_attn.layer_idx``)."""
+        index = getattr(getattr(self.layer, "self_attn", None), "layer_idx", None)
+        return index if isinstance(index, int) else None
+
     def forward(
         self, x: Tensor, position_ids: Tensor, valid: Tensor | None, **kwargs: Any
     ) -> Tensor:
+        """``x`` ``[B, K, D]``, ``position_ids`` ``[B, K]``, ``valid`` ``[B, K]`` or None ->
+        ``[B, K, D]``; ``cache`` (or ``past_key_values``) in ``kwargs`` is a KV cache."""
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
         cos, sin = self.rotary_emb(x, position_ids)
-        allowed_B1KK = position_causal_mask(position_ids, position_ids, valid).unsqueeze(1)
-        mask = torch.zeros(allowed_B1KK.shape, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~allowed_B1KK, torch.finfo(x.dtype).min)
+        if cache is None:
+            allowed_B1QK = position_causal_mask(position_ids, position_ids, valid).unsqueeze(1)
+            return self._call_layer(x, allowed_B1QK, position_ids, (cos, sin), kwargs)
+        # only here: a cache object exists, so transformers is installed
+        from .depth_cache import routed_cache_layer
+
+        index = self.layer_idx
+        if index is None:
+            raise ValueError(
+                f"cache: expected the layer to have self_attn.layer_idx (the index its attention "
+                f"updates the cache under), got {type(self.layer).__name__} without one"
+            )
+        routed = routed_cache_layer(cache, index)
+        batch = x.shape[0]
+        valid_BK = torch.ones_like(position_ids, dtype=torch.bool) if valid is None else valid
+        past_pos_BL, past_valid_BL = routed.stored_positions(batch, x.device)
+        # the attention will see the stored keys followed by this call's (DynamicLayer order)
+        key_pos = torch.cat([past_pos_BL, position_ids], dim=1)
+        key_valid = torch.cat([past_valid_BL, valid_BK.bool()], dim=1)
+        allowed_B1QK = position_causal_mask(position_ids, key_pos, key_valid).unsqueeze(1)
+        routed.stage(position_ids, valid_BK)
+        try:
+            return self._call_layer(x, allowed_B1QK, position_ids, (cos, sin), kwargs, cache)
+        finally:
+            routed.clear_stage()  # consumed by update; if the layer never attended, not kept
+
+    def _call_layer(
+        self,
+        x: Tensor,
+        allowed_B1QK: Tensor,
+        position_ids: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        kwargs: dict[str, Any],
+        cache: object = None,
+    ) -> Tensor:
+        """Run the layer with the bool ``allowed`` mask as the additive float mask HF takes."""
+        mask = torch.zeros(allowed_B1QK.shape, dtype=x.dtype, device=x.device)
+        # the dtype's minimum, not -inf: an all-masked row (an invalid slot) stays finite
+        mask = mask.masked_fill(~allowed_B1QK, torch.finfo(x.dtype).min)
+        if cache is not None:
+            kwargs = {**kwargs, "cache": cache}
         out = self.layer(
             x,
             attention_mask=mask,
             position_ids=position_ids,
-            position_embeddings=(cos, sin),
+            position_embeddings=position_embeddings,
             **kwargs,
         )
         if isinstance(out, (tuple, list)):

@@ -7,6 +7,8 @@ embeddings), the rest skip it; in eval a causal per-token predictor decides, so 
 causal. The wrapper accepts the decoder layer's call from the Hugging Face model and turns its
 inputs into what the MoD layer needs: the padding mask ``[B, T]`` (read off the 4-D causal mask
 the model builds: a token is real iff it may attend to itself) and the position ids ``[B, T]``.
+With a KV cache (``generate()``'s default) a routed layer caches only the tokens it processed,
+with their positions (:mod:`pytorch_mixtures.interop.depth_cache`).
 
 Shape legend: B batch, T sequence, D model dim.
 """
@@ -29,14 +31,16 @@ __all__ = ["MoDDecoderLayer", "route_depths"]
 def padding_mask_from_hf(attention_mask: Tensor | None, batch: int, seq_len: int) -> Tensor | None:
     """``[B, T]`` bool (True = real token) from the mask a HF model hands its decoder layers.
 
-    ``None`` (no padding, SDPA's fast path) stays None; a 2-D ``[B, T]`` mask (flash attention)
-    is used as is; a 4-D ``[B, 1, T, T]`` mask (bool: True = may attend; float: 0 = may attend)
-    gives its diagonal: a padding token may not attend to itself, a real one always may.
+    ``None`` (no padding, SDPA's fast path) stays None; a 2-D ``[B, L]`` mask (flash attention;
+    ``L >= T`` with a cache) gives its last ``T`` columns; a 4-D ``[B, 1, T, L]`` mask (bool:
+    True = may attend; float: 0 = may attend) gives the diagonal of its last ``T`` keys: a
+    padding token may not attend to itself, a real one always may.
     """
     if attention_mask is None:
         return None
     if attention_mask.dim() == 2:
-        return attention_mask.bool()
+        # with a cache the 2-D mask covers the past keys too: the current tokens are the last T
+        return attention_mask[:, -seq_len:].bool()
     if attention_mask.dim() != 4 or attention_mask.shape[-1] < seq_len:
         raise ValueError(
             f"attention_mask: expected None, [B, T] or [B, 1, T, T] from the model, got "
@@ -54,18 +58,23 @@ class MoDDecoderLayer(nn.Module):
     ``forward(hidden_states [B, T, D], attention_mask=None, position_ids=None, cache=None,
     use_cache=False, position_embeddings=None, **kwargs) -> [B, T, D]``. The model's rotary
     embeddings are recomputed inside for the routed tokens' true positions, so
-    ``position_embeddings`` is ignored. KV caches are not supported (a skipped token would leave
-    a hole in this layer's cache): decode with ``use_cache=False``, which
-    :func:`route_depths` makes the model's default.
+    ``position_embeddings`` is ignored. ``cache`` (``past_key_values`` before transformers 5)
+    is the model's KV cache: this layer's entry becomes a
+    :class:`~pytorch_mixtures.interop.MoDCacheLayer`, which stores only the tokens this layer
+    processed, with their positions (see :mod:`pytorch_mixtures.interop.depth_cache`).
 
     Attributes:
         mod: the :class:`~pytorch_mixtures.MixtureOfDepths` (its ``aux_loss``, ``stats``,
             ``threshold``).
+        layer_idx: the index the wrapped layer's attention uses in a KV cache (None when the
+            layer has no ``self_attn.layer_idx``; then caches are refused).
     """
 
     def __init__(self, mod: MixtureOfDepths) -> None:
         super().__init__()
         self.mod = mod
+        block = mod.block
+        self.layer_idx = block.layer_idx if isinstance(block, HFDecoderLayerAdapter) else None
 
     def forward(
         self,
@@ -77,17 +86,34 @@ class MoDDecoderLayer(nn.Module):
         position_embeddings: Any = None,
         **kwargs: Any,
     ) -> Tensor:
-        if cache is not None or kwargs.get("past_key_values") is not None or use_cache:
-            raise ValueError(
-                "cache: Mixture-of-Depths layers do not support KV caches (a skipped token "
-                "leaves a hole); call the model or generate() with use_cache=False"
-            )
+        legacy = kwargs.pop("past_key_values", None)
+        cache = legacy if cache is None else cache
         batch, seq_len, _ = hidden_states.shape
         valid_BT = padding_mask_from_hf(attention_mask, batch, seq_len)
+        routed = None
+        if cache is not None:
+            if self.layer_idx is None:
+                raise ValueError(
+                    f"cache: expected a decoder layer with self_attn.layer_idx to cache, got "
+                    f"{type(self.mod.block).__name__} without one; call with use_cache=False"
+                )
+            from .depth_cache import routed_cache_layer  # a cache exists: transformers is here
+
+            routed = routed_cache_layer(cache, self.layer_idx)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=hidden_states.device)
+            # no ids from the model: the tokens follow the ones this layer has already seen
+            past = 0 if routed is None else routed.seen_tokens
+            position_ids = torch.arange(past, past + seq_len, device=hidden_states.device)
         pos_BT = position_ids.reshape(-1, seq_len).expand(batch, seq_len)
-        out: Tensor = self.mod(hidden_states, attention_mask=valid_BT, position_ids=pos_BT)
+        if routed is None:
+            out: Tensor = self.mod(hidden_states, attention_mask=valid_BT, position_ids=pos_BT)
+            return out
+        # the cache goes along as a block kwarg: MixtureOfDepths then passes every row (per-row
+        # state), and the adapter stores only the routed slots, flagged valid or not
+        out = self.mod(hidden_states, attention_mask=valid_BT, position_ids=pos_BT, cache=cache)
+        # counted even when no token was routed (the block not called): the model reads the
+        # cache's length for the next step's positions and mask, which count every token
+        routed.seen_tokens += seq_len
         return out
 
 
@@ -129,9 +155,13 @@ def route_depths(
 
     Training processes each sequence's top ``ceil(capacity * real tokens)`` tokens per routed
     layer; ``eval()`` decides per token with the causal predictor (train it first: its BCE loss
-    is part of ``pm.aux_loss(model)``). KV caches are not supported: the model's ``use_cache``
-    and its generation config's default become False, so ``generate()`` recomputes the prefix
-    each step. The routed layer's attention sees only the routed tokens, as in the paper.
+    is part of ``pm.aux_loss(model)``). The routed layer's attention sees only the routed
+    tokens, as in the paper. KV caches work unchanged: ``generate(use_cache=True)`` (the
+    default) and ``model(..., use_cache=True)`` give each routed layer a
+    :class:`~pytorch_mixtures.interop.MoDCacheLayer` in the model's ``DynamicCache``, holding
+    only the tokens it processed with their positions, so cached decoding equals recomputing
+    the prefix (``use_cache=False``); :class:`~pytorch_mixtures.interop.MoDCache` builds such a
+    cache up front. (Before, ``route_depths`` turned ``use_cache`` off.)
 
     Args:
         model: a ``transformers`` causal LM (or its base model).
@@ -175,10 +205,6 @@ def route_depths(
                 if part is not None:
                     part.to(device=reference.device, dtype=reference.dtype)
             layers[index] = MoDDecoderLayer(mod)
-    for config_name in ("config", "generation_config"):
-        config = getattr(model, config_name, None)
-        if config is not None and hasattr(config, "use_cache"):
-            config.use_cache = False
     if attach_loss:
         attach_aux_loss(model)
     return model
