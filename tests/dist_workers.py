@@ -646,3 +646,81 @@ def check_group_membership(rank: int, world: int) -> None:
 
         with pytest.raises(ValueError, match="not a member"):
             pm.distributed.expert_parallel(make_layer({}, 1), only_rank0)
+
+
+def _naive_balance(
+    weight: Tensor, counted: list[tuple[Tensor, Tensor]], averaged: list[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, list[int], int]:
+    """``E * sum_e f_e * P_e`` by hand: ``f_e`` = top-2 slots of e per real token over the
+    ``counted`` (x [N, D], mask [N]) chunks, ``P_e`` = e's mean softmax over the ``averaged``
+    chunks' real tokens (differentiable in ``weight``). Also the counts and the token total."""
+    num_experts = weight.shape[0]
+    counts, tokens = [0] * num_experts, 0
+    for x, mask in counted:
+        ids = (x @ weight.detach().T).softmax(-1).topk(2, dim=-1).indices
+        for n in range(x.shape[0]):
+            if bool(mask[n]):
+                tokens += 1
+                for e in ids[n].tolist():
+                    counts[e] += 1
+    total = torch.zeros(num_experts)
+    real = 0
+    for x, mask in averaged:
+        probs = (x @ weight.T).softmax(-1)
+        for n in range(x.shape[0]):
+            if bool(mask[n]):
+                real += 1
+                total = total + probs[n]
+    loss = num_experts * sum(counts[e] / tokens * total[e] / real for e in range(num_experts))
+    assert isinstance(loss, Tensor)
+    return loss, counts, tokens
+
+
+def _balance_chunk(case: str, rank: int, micro: int) -> tuple[Tensor, Tensor]:
+    """Rank ``rank``'s micro-batch ``micro``: x [B, T, D] and a 0/1 mask [B, T]."""
+    gen = torch.Generator().manual_seed(3000 + 10 * rank + micro)
+    batch, seq = (2, 4) if case == "equal" else (1 + rank, 3 + 2 * rank + micro)
+    x = torch.randn(batch, seq, DIM, generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if case == "padding":
+        mask = (torch.rand(batch, seq, generator=gen) > 0.35).long()
+        mask[0, 0] = 1
+    return x, mask
+
+
+def check_global_balance(rank: int, world: int) -> None:
+    """TopKRouter(balance="global") on W ranks: the mean of the ranks' balance losses and the
+    DDP-averaged router gradient equal one process on the concatenated batch (naive formula);
+    over two accumulation micro-batches the second uses both micro-batches' global counts."""
+    group = dist.new_group(list(range(world)))  # collective: every rank creates it
+    for case in ("equal", "unequal", "padding"):
+        torch.manual_seed(0)
+        router = pm.TopKRouter(
+            DIM, 4, 2, init_std=1.0, balance="global",
+            balance_group=group if case == "padding" else None,
+        )  # fmt: skip
+        ref_weight = router.gate.weight.detach().clone().requires_grad_(True)
+        model = nn.parallel.DistributedDataParallel(router)
+        chunks = {(r, m): _balance_chunk(case, r, m) for r in range(world) for m in (0, 1)}
+        flat = {k: (x.reshape(-1, DIM), mask.reshape(-1)) for k, (x, mask) in chunks.items()}
+        for micro in (0, 1):
+            model.zero_grad()
+            x, mask = chunks[(rank, micro)]
+            loss = model(x, mask if case == "padding" else None).aux_losses["load_balancing"]
+            loss.backward()  # DDP averages the router gradient over the ranks
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+            counted = [flat[(r, m)] for r in range(world) for m in range(micro + 1)]
+            want, counts, tokens = _naive_balance(
+                ref_weight, counted, [flat[(r, micro)] for r in range(world)]
+            )
+            (want_grad,) = torch.autograd.grad(want, ref_weight)
+            label = f"{case} micro-batch {micro}"
+            _close(f"{label} loss (mean over ranks)", mean_loss, want.detach())
+            assert router.gate.weight.grad is not None
+            _close(f"{label} router grad", router.gate.weight.grad, want_grad)
+            assert router.balance_counts is not None and router.balance_tokens is not None
+            assert router.balance_counts.tolist() == counts, (label, router.balance_counts)
+            assert int(router.balance_tokens) == tokens, label
+        assert pm.end_balance_step(router) and router.balance_counts is None

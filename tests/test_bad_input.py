@@ -337,6 +337,11 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("relu l1 init", lambda t: pm.ReLURouter(D, E, l1_coef_init=-1.0), ValueError, ("l1_coef_init", ">= 0", "-1")),
     ("relu capacity", lambda t: pm.MoELayer(D, pm.ReLURouter(D, E), pm.MLPExperts(E, D, 16), 1.25), ValueError, ("capacity_factor", "None", "1.25")),
     ("relu flag", lambda t: pm.ReLURouter(D, E, load_balance="yes"), TypeError, ("load_balance", "True or False", "'yes'")),
+    ("balance mode", lambda t: topk(balance="everything"), ValueError, ("balance", "'global'", "'everything'")),
+    ("balance group type", lambda t: topk(balance="global", balance_group=0), TypeError, ("balance_group", "ProcessGroup", "int")),
+    ("balance step model type", lambda t: pm.end_balance_step("model"), TypeError, ("model", "nn.Module", "str")),
+    ("balance step no global router", lambda t: pm.end_balance_step(topk()), ValueError, ("model", "balance='global'", "got none")),
+    ("balance step batch router", lambda t: topk().end_balance_step(), ValueError, ("end_balance_step", "balance='global'", "balance='batch'")),
 ]  # fmt: skip
 
 

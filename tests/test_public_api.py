@@ -68,6 +68,7 @@ NEW_NAMES = {
     "pytorch_mixtures.pruning": "PruningReport expert_scores prune_experts",
     "pytorch_mixtures.routing.relu": "ReLURouter",
     "pytorch_mixtures.routing.replay": "RoutingRecord record_routing replay_routing",
+    "pytorch_mixtures.routing.topk": "end_balance_step",
 }
 
 

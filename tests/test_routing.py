@@ -295,7 +295,7 @@ def test_scheme_arguments_are_checked():
     with pytest.raises(ValueError, match="topk_groups"):
         pm.TopKRouter(DIM, 8, 3, num_groups=4, topk_groups=1)
     with pytest.raises(ValueError, match="balance"):
-        pm.TopKRouter(DIM, 8, 2, balance="global")
+        pm.TopKRouter(DIM, 8, 2, balance="everything")
     with pytest.raises(ValueError, match="routed_scaling_factor"):
         pm.TopKRouter(DIM, 8, 2, routed_scaling_factor=0.0)
     with pytest.raises(ValueError, match="group_score"):

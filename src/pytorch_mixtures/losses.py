@@ -250,6 +250,23 @@ def _sequence_balance_loss(
     return (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
 
 
+def _global_balance_loss(
+    probs_NE: Tensor, token_mask_N: Tensor | None, freq_E: Tensor, scale: Tensor
+) -> Tensor:
+    """The global-batch balance loss of one rank's micro-batch (``TopKRouter(balance="global")``):
+    ``E * sum_e freq_E[e] * (sum of e's probability over the real tokens) * scale``.
+
+    ``freq_E`` ``[E]`` (no gradient) are the global frequencies (slots per real token, summing
+    to K) and ``scale`` (0-dim) is ``W / G``, the group size over the group's real tokens of the
+    micro-batch, so the mean over W ranks is the loss of one process on their concatenated
+    batch, ``E * sum_e f_e * P_e``. For one process ``freq_E`` = the batch's ``f_e`` and
+    ``scale`` = 1 / N: the batch form of :func:`balance_loss_from_assignments`.
+    """
+    num_experts = probs_NE.shape[-1]
+    sum_E = _masked_sum(probs_NE.float(), token_mask_N)
+    return num_experts * (freq_E.to(sum_E.device) * sum_E).sum() * scale.to(sum_E.device)
+
+
 def cv_squared(values_E: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation ``var(v) / (mean(v)^2 + eps)`` of ``values_E`` ``[E]``.
 

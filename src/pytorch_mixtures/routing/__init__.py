@@ -6,7 +6,7 @@ scheme. :class:`Router` (``base.py``) runs the one preamble (validate, flatten, 
 router implements one method, ``route``.
 
 * ``topk.py``: :class:`TopKRouter` (token choice; its optional schemes in one frozen
-  :class:`TopKSchemes`) and :func:`update_expert_bias`.
+  :class:`TopKSchemes`), :func:`update_expert_bias` and :func:`end_balance_step`.
 * ``expert_choice.py``: :class:`ExpertChoiceRouter`.
 * ``fixed.py``: :class:`HashRouter`, :class:`UniformRouter` (no learned gate).
 * ``capacity.py``: per-expert capacity and which slots fit.
@@ -22,7 +22,7 @@ from .fixed import HashRouter, UniformRouter
 from .relu import ReLURouter, relu_l1_loss
 from .replay import RoutingRecord, record_routing, replay_routing
 from .selection import group_limited_scores, softplus_noise_std
-from .topk import TopKRouter, TopkRouter, TopKSchemes, update_expert_bias
+from .topk import TopKRouter, TopkRouter, TopKSchemes, end_balance_step, update_expert_bias
 
 __all__ = [
     "Decision",
@@ -37,6 +37,7 @@ __all__ = [
     "TopkRouter",
     "UniformRouter",
     "capacity_keep_mask",
+    "end_balance_step",
     "expert_choice_capacity",
     "group_limited_scores",
     "record_routing",

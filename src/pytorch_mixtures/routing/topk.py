@@ -19,6 +19,7 @@ from ..checks import check_capacity_factor, check_flag, check_int, check_nonnega
 # the unchecked forms: the router's own tensors are valid by construction, and the public
 # functions' checks would cost a host sync per training forward
 from ..losses import (
+    _global_balance_loss,
     _noisy_top_k_load,
     _sequence_balance_loss,
     balance_loss_from_assignments,
@@ -30,10 +31,10 @@ from .base import Decision, Router, RouterOutput, token_major_output
 from .capacity import DropPolicy, check_drop_policy, token_choice_keep
 from .selection import group_limited_scores, softplus_noise_std
 
-__all__ = ["TopKRouter", "TopKSchemes", "TopkRouter", "update_expert_bias"]
+__all__ = ["TopKRouter", "TopKSchemes", "TopkRouter", "end_balance_step", "update_expert_bias"]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
-BalanceMode = Literal["batch", "sequence"]
+BalanceMode = Literal["batch", "sequence", "global"]
 GroupScore = Literal["auto", "top2_sum", "max"]
 _T = TypeVar("_T")
 
@@ -70,6 +71,7 @@ class TopKSchemes:
     group_score: GroupScore = "max"
     routed_scaling_factor: float = 1.0
     balance: BalanceMode = "batch"
+    balance_group: Any = None
 
     @property
     def group_limited(self) -> bool:
@@ -92,6 +94,7 @@ class TopKSchemes:
         group_score: GroupScore = "auto",
         routed_scaling_factor: float = 1.0,
         balance: BalanceMode = "batch",
+        balance_group: Any = None,
     ) -> TopKSchemes:
         min_std = check_nonnegative_float("noise_min_std", noise_min_std)
         if noisy_gating and min_std == 0:
@@ -126,8 +129,19 @@ class TopKSchemes:
                 f"(got expert_bias={expert_bias}, num_groups={groups}, "
                 f"topk_groups={used_groups})"
             )
-        if balance not in ("batch", "sequence"):
-            raise ValueError(f"balance: expected 'batch' or 'sequence', got {balance!r}")
+        if balance not in ("batch", "sequence", "global"):
+            raise ValueError(f"balance: expected 'batch', 'sequence' or 'global', got {balance!r}")
+        if balance_group is not None:
+            process_group = getattr(torch.distributed, "ProcessGroup", None)
+            if process_group is None or not isinstance(balance_group, process_group):
+                raise TypeError(
+                    "balance_group: expected None (the world) or a "
+                    f"torch.distributed.ProcessGroup, got {type(balance_group).__name__}"
+                )
+            if balance != "global":
+                raise ValueError(
+                    f"balance_group: only used with balance='global', got balance={balance!r}"
+                )
         return cls(
             noisy_gating=check_flag("noisy_gating", noisy_gating),
             noise_min_std=min_std,
@@ -141,6 +155,7 @@ class TopKSchemes:
             group_score=group_score,
             routed_scaling_factor=scaling,
             balance=balance,
+            balance_group=balance_group,
         )
 
 
@@ -186,7 +201,35 @@ class TopKRouter(Router):
     ``top_k`` at perfect balance; for sigmoid scores the scores are normalised per token first)
     weighted by ``balance_loss_coef``, and ``router_z`` weighted by ``z_loss_coef``. With
     ``balance="sequence"`` the balance loss is computed per sequence and averaged (DeepSeek-V3's
-    complementary sequence-wise loss, same normalisation as the batch form).
+    complementary sequence-wise loss, same normalisation as the batch form). With
+    ``balance="global"`` the frequencies ``f_e`` are counted over the global batch (Qiu et al.
+    2025, "Demons in the Detail", arXiv 2501.11873, used by Qwen3-MoE; Megatron-Core's
+    ``global_aux_loss``), see *Global-batch balance* below.
+
+    Global-batch balance (``balance="global"``, training only; in eval it is the batch form):
+
+    * Across data-parallel ranks it is exact. Each training forward all-reduces the ``[E]``
+      slot counts and the real-token count of its micro-batch over ``balance_group`` (default
+      the world; only when ``torch.distributed`` is initialised), so ``f_e`` is the global
+      micro-batch's. ``P_e`` stays local: rank r's loss is ``E * sum_e f_e * S_re * W / G``
+      with ``S_re`` the sum of e's probability over r's real tokens, ``W`` the group size and
+      ``G`` the group's real tokens. Its mean over ranks is the loss of one process on the
+      concatenated batch, and so is the gradient once the data-parallel wrapper averages
+      gradients over the same group (DDP / FSDP do): exact for unequal token counts per rank
+      and padding. Each rank's value is not the global loss: their mean is.
+    * Across the micro-batches of a gradient-accumulation step exactness is impossible (the
+      gradient into micro-batch m would need the counts of later ones). Following the paper's
+      buffer of ``f_e`` accumulated over micro-batches (and Megatron-Core's running
+      ``global_tokens_per_expert``), micro-batch m uses the counts of micro-batches ``1..m``
+      of the step, ``f_e = C_e(1..m) / tokens(1..m)`` (token-weighted), while ``S_re / G``
+      stays that of micro-batch m. So the last micro-batch uses the whole step's counts, and
+      averaging the micro-batches' losses (the usual ``loss / accumulation_steps``) gives
+      exactly the one-big-batch loss and gradient when the micro-batches are identical.
+      :func:`pytorch_mixtures.end_balance_step` (once per optimizer step, after the last
+      micro-batch's backward) resets the counts; without it they keep accumulating. Every
+      training forward is a collective over the group: all its ranks must run it. Recomputations
+      inside backward (activation checkpointing) reuse the last forward's counts, with no
+      all-reduce. The counts are in :attr:`balance_counts` / :attr:`balance_tokens`.
 
     Further routing schemes (keyword-only; the defaults give plain top-k routing):
 
@@ -231,7 +274,11 @@ class TopKRouter(Router):
         topk_groups: groups each token may use, in ``[1, G]`` (default G: no limit).
         group_score: ``"auto"``, ``"top2_sum"`` or ``"max"``.
         routed_scaling_factor: > 0, multiplies the combine weights.
-        balance: ``"batch"`` (Switch/GShard over all tokens) or ``"sequence"`` (per sequence).
+        balance: ``"batch"`` (Switch/GShard over all tokens), ``"sequence"`` (per sequence)
+            or ``"global"`` (frequencies over the global batch: every data-parallel rank and
+            every micro-batch of the step so far).
+        balance_group: with ``balance="global"``, the ``torch.distributed.ProcessGroup``
+            the counts are all-reduced over (the data-parallel group); None: the world.
         drop_policy: ``"position"`` or ``"probs"``: which slots an overfull expert keeps in
             capacity mode (no effect when dropless); may be reassigned later (validated).
     """
@@ -248,6 +295,7 @@ class TopKRouter(Router):
     group_score = _Scheme[GroupScore]()
     routed_scaling_factor = _Scheme[float]()
     balance = _Scheme[BalanceMode]()
+    balance_group = _Scheme[Any]()
 
     def __init__(
         self,
@@ -273,6 +321,7 @@ class TopKRouter(Router):
         routed_scaling_factor: float = 1.0,
         balance: BalanceMode = "batch",
         drop_policy: DropPolicy = "position",
+        balance_group: Any = None,
     ) -> None:
         super().__init__(dim, num_experts, init_std)
         self.drop_policy = drop_policy
@@ -309,6 +358,7 @@ class TopKRouter(Router):
             group_score=group_score,
             routed_scaling_factor=routed_scaling_factor,
             balance=balance,
+            balance_group=balance_group,
         )
         # W_noise starts at zero (Shazeer et al. 2017, appendix A): noise std softplus(0)
         self.noise_gate = nn.Linear(dim, num_experts, bias=False) if noisy_gating else None
@@ -321,6 +371,10 @@ class TopKRouter(Router):
         # real-forward load counts since the last bias update; a plain attribute, not a buffer,
         # so DDP's buffer broadcast cannot overwrite one rank's counts with another's
         self._load_counts: Tensor | None = None
+        # balance="global": int64 [E + 1] (slot counts, real tokens) over the group and the
+        # step's training forwards so far; and the last forward's (f_E, scale) for recomputes
+        self._balance_counts: Tensor | None = None
+        self._balance_last: tuple[Tensor, Tensor] | None = None
 
     @property
     def drop_policy(self) -> DropPolicy:
@@ -396,6 +450,67 @@ class TopKRouter(Router):
         self.expert_bias += rate * torch.sign(loads_E.mean() - loads_E)
         self._load_counts = None
         return loads
+
+    @property
+    def balance_counts(self) -> Tensor | None:
+        """``balance="global"``: ``[E]`` int64 slots sent to each expert by real tokens in the
+        training forwards since the last :meth:`end_balance_step`, summed over
+        ``balance_group`` (None before the first)."""
+        counts = self._balance_counts
+        return None if counts is None else counts[: self.num_experts]
+
+    @property
+    def balance_tokens(self) -> Tensor | None:
+        """``balance="global"``: 0-dim int64, the real tokens behind :attr:`balance_counts`."""
+        counts = self._balance_counts
+        return None if counts is None else counts[self.num_experts]
+
+    def end_balance_step(self) -> Tensor | None:
+        """End the optimizer step of ``balance="global"``: reset the running counts.
+
+        Returns:
+            ``[E]`` int64 the step's counts (None when nothing was counted).
+        """
+        if self.balance != "global":
+            raise ValueError(
+                f"end_balance_step: expected a router with balance='global', got "
+                f"balance={self.balance!r}"
+            )
+        counts = self.balance_counts
+        self._balance_counts = None
+        self._balance_last = None
+        return counts
+
+    def _global_balance(
+        self, probs_NE: Tensor, expert_ids_NK: Tensor, mask_N: Tensor | None
+    ) -> Tensor:
+        """The ``balance="global"`` training loss of this micro-batch (see the class docs)."""
+        num_experts = self.num_experts
+        last = self._balance_last
+        if last is None or not _in_autograd_backward():
+            with torch.no_grad():
+                ids_S = expert_ids_NK.reshape(-1)
+                if mask_N is not None:  # padding slots go to the token-count bin, cut off
+                    ids_S = torch.where(mask_N.repeat_interleave(self.top_k), ids_S, num_experts)
+                stats = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_S.device)
+                stats.scatter_add_(0, ids_S, torch.ones_like(ids_S))
+                real = ids_S.new_full((), probs_NE.shape[0]) if mask_N is None else mask_N.sum()
+                stats[num_experts] = real  # (the bin of padding slots, overwritten)
+                world = 1
+                dist = torch.distributed
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(stats, group=self.balance_group)
+                    world = dist.get_world_size(self.balance_group)
+                running = self._balance_counts
+                # .to() on the model does not move this plain attribute: follow the counts
+                running = stats if running is None else running.to(stats.device) + stats
+                self._balance_counts = running
+                freq_E = running[:num_experts].float() / running[num_experts].clamp_min(1)
+                scale = world / stats[num_experts].clamp_min(1).float()
+            self._balance_last = (freq_E, scale)
+        else:  # a checkpoint recomputation inside backward: the original forward's numbers
+            freq_E, scale = last
+        return _global_balance_loss(probs_NE, mask_N, freq_E, scale)
 
     def route(
         self, x_BTD: Tensor, mask_BT: Tensor | None, token_ids: Tensor | None
@@ -565,7 +680,9 @@ class TopKRouter(Router):
     ) -> dict[str, Tensor]:
         """The balance loss (per batch or per sequence) and the z-loss, unweighted."""
         mask_N = None if mask_BT is None else mask_BT.reshape(-1)
-        if self.balance == "batch":
+        if self.balance == "global" and self.training:
+            balance_loss = self._global_balance(balance_probs_NE, expert_ids_NK, mask_N)
+        elif self.balance != "sequence":  # "batch", and "global" outside training
             balance_loss = balance_loss_from_assignments(balance_probs_NE, expert_ids_NK, mask_N)
         else:
             batch, seq_len = batch_shape
@@ -610,6 +727,8 @@ class TopKRouter(Router):
             extra += f", routed_scaling_factor={self.routed_scaling_factor}"
         if self.balance != "batch":
             extra += f", balance={self.balance!r}"
+        if self.balance_group is not None:
+            extra += ", balance_group=<ProcessGroup>"
         if self.drop_policy != "position":
             extra += f", drop_policy={self.drop_policy!r}"
         return (
@@ -659,5 +778,41 @@ def update_expert_bias(
         raise ValueError(
             "model: contains no TopKRouter(expert_bias=True); build the routers with "
             "expert_bias=True to use update_expert_bias"
+        )
+    return used
+
+
+def end_balance_step(model: nn.Module) -> dict[str, Tensor]:
+    """End the optimizer step for every ``TopKRouter(balance="global")`` in ``model``.
+
+    Resets each router's running expert counts, so the next training forward starts a new
+    global batch. Call it once per optimizer step, after the last micro-batch's backward (for
+    example next to ``optimizer.step()``); without it the counts keep accumulating over steps.
+    Every rank of the balance group must call it at the same point (the counts are the group's).
+
+    Args:
+        model: any module containing the routers (or a router itself).
+
+    Returns:
+        Module name -> ``[E]`` int64 the step's counts (summed over the balance group), for
+        the routers that had counted forwards.
+
+    Raises:
+        ValueError: when ``model`` holds no router with ``balance="global"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    found = False
+    used: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TopKRouter) and module.balance == "global":
+            found = True
+            counts = module.end_balance_step()
+            if counts is not None:
+                used[name] = counts
+    if not found:
+        raise ValueError(
+            "model: expected a model containing a TopKRouter(balance='global'), got none; "
+            "build the routers with balance='global' to use end_balance_step"
         )
     return used
