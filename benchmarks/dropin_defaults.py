@@ -58,18 +58,7 @@ def _run_one(
                 continue
             options = {} if variant == "library" else json.loads(variant)
             expert_std = options.pop("_expert_init_std", None)  # a test of other expert inits
-            # a test of bias balancing updated after every training forward (no manual call)
-            auto_bias = options.pop("_auto_bias", None)
             router = pm.TopKRouter(dim, experts, top_k=top_k, **options)
-            if auto_bias is not None:
-
-                def update(
-                    module: torch.nn.Module, args: object, out: object, rate: float = auto_bias
-                ) -> None:
-                    if module.training:
-                        module.update_expert_bias(rate)
-
-                router.register_forward_hook(update)
             block.ffn = pm.MoELayer(dim, router, pm.SwiGLUExperts(experts, dim, hidden))
             if expert_std is not None:
                 for weight in block.ffn.experts.parameters():

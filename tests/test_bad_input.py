@@ -183,6 +183,7 @@ CASES: list[tuple[str, Call, type[Exception], tuple[str, ...]]] = [
     ("static cache overflow", lambda t: lm()(torch.zeros(1, 3, dtype=torch.long), cache=lm().new_static_cache(1, 2)), ValueError, ("cache", "max_len=2", "3")),
     ("static cache batch", lambda t: lm()(torch.zeros(2, 1, dtype=torch.long), cache=lm().new_static_cache(1, 4)), ValueError, ("cache", "batch of 1", "2")),
     ("static cache zero length", lambda t: lm().new_static_cache(1, 0), ValueError, ("max_len", ">= 1", "0")),
+    ("bias update rate negative", lambda t: pm.TopKRouter(8, 4, expert_bias=True, bias_update_rate=-1.0), ValueError, ("bias_update_rate", ">= 0", "-1")),
     ("generate empty prompt", lambda t: lm().generate(torch.zeros(1, 0, dtype=torch.long), 1), ValueError, ("idx", "T >= 1", "(1, 0)")),
     ("plot history rows", lambda t: pm.plot_expert_load([{"l": 1}], t / "load.png"), TypeError, ("history", "per-layer dicts", "list")),
     ("expert_parameters of str", lambda t: list(pm.distributed.expert_parameters("x")), TypeError, ("model", "nn.Module", "str")),

@@ -571,3 +571,23 @@ def test_drop_policy_is_validated_and_settable():
     b = pm.TopKRouter(DIM, EXPERTS, 2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x).weights, b(x).weights) and bool(a(x).kept.all())
+
+
+def test_bias_update_rate_moves_the_bias_after_every_training_forward():
+    """bias_update_rate applies update_expert_bias's rule from each training forward's own
+    loads (a hand computation), never in eval, and needs expert_bias."""
+    torch.manual_seed(0)
+    router = pm.TopKRouter(DIM, 4, 2, expert_bias=True, bias_update_rate=0.1, init_std=1.0)
+    x = torch.randn(3, 5, DIM)
+    for _ in range(3):
+        before = router.expert_bias.clone()
+        out = router(x)
+        loads = torch.bincount(out.expert_ids, minlength=4).float()
+        assert torch.equal(router.expert_bias, before + 0.1 * torch.sign(loads.mean() - loads))
+    assert router.pending_loads is None  # consumed by the update
+    router.eval()
+    before = router.expert_bias.clone()
+    router(x)
+    assert torch.equal(router.expert_bias, before)
+    with pytest.raises(ValueError, match="bias_update_rate"):
+        pm.TopKRouter(DIM, 4, 2, bias_update_rate=0.1)

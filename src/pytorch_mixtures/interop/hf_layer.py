@@ -37,19 +37,12 @@ from torch import Tensor, nn
 from ..experts import ExpertsBase
 from ..moe_layer import MoELayer
 from ..routing import Router, RouterOutput
+from ..routing.base import _in_autograd_backward
 
 __all__ = ["HFMoELayer", "MaskRouting", "route_attention_mask"]
 
 # the formats of the tuple a transformers router returns (what its recorder indexes into)
 _FORMATS = ("topk", "switch")
-
-
-def _in_autograd_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (checkpoint recomputation)."""
-    current_task = getattr(torch._C, "_current_graph_task_id", None)
-    if current_task is None or torch.compiler.is_compiling():
-        return False
-    return bool(current_task() != -1)
 
 
 class RouterLogitsRecorder(nn.Module):

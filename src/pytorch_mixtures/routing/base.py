@@ -35,6 +35,18 @@ if TYPE_CHECKING:
 __all__ = ["Decision", "Router", "RouterOutput", "token_major_output"]
 
 
+def _in_autograd_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    Activation checkpointing (reentrant or not) recomputes the forward inside backward; state
+    that must change once per real forward (expert-load counts) skips those recomputations.
+    """
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    if current_task is None or torch.compiler.is_compiling():
+        return False
+    return bool(current_task() != -1)
+
+
 @dataclass(frozen=True)
 class RouterOutput:
     """Routing decisions for N tokens, as S slots.

@@ -14,8 +14,7 @@ from torch import Tensor
 
 from ..checks import check_flag, check_int, check_nonnegative_float
 from ..losses import router_z_loss
-from .base import Router, RouterOutput
-from .replay import _in_autograd_backward
+from .base import Router, RouterOutput, _in_autograd_backward
 
 __all__ = ["ReLURouter", "relu_l1_loss"]
 

@@ -51,18 +51,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .base import _in_autograd_backward
+
 __all__ = ["RoutingRecord", "record_routing", "replay_routing"]
 
 #: module name -> one decision tensor per call, in call order
 RoutingRecord = dict[str, list[Tensor]]
-
-
-def _in_autograd_backward() -> bool:
-    """True while the autograd engine runs backward on this thread (checkpoint recomputation)."""
-    current_task = getattr(torch._C, "_current_graph_task_id", None)
-    if current_task is None or torch.compiler.is_compiling():
-        return False
-    return bool(current_task() != -1)
 
 
 class ReplayState:

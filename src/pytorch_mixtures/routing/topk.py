@@ -27,7 +27,7 @@ from ..losses import (
     importance_loss,
     router_z_loss,
 )
-from .base import Decision, Router, RouterOutput, token_major_output
+from .base import Decision, Router, RouterOutput, _in_autograd_backward, token_major_output
 from .capacity import DropPolicy, check_drop_policy, token_choice_keep
 from .selection import group_limited_scores, softplus_noise_std
 
@@ -37,18 +37,6 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 BalanceMode = Literal["batch", "sequence", "global"]
 GroupScore = Literal["auto", "top2_sum", "max"]
 _T = TypeVar("_T")
-
-
-def _in_autograd_backward() -> bool:
-    """True while the autograd engine runs a backward pass on this thread.
-
-    Activation checkpointing (reentrant or not) recomputes the forward inside backward; state
-    that must change once per real forward (expert-load counts) skips those recomputations.
-    """
-    current_task = getattr(torch._C, "_current_graph_task_id", None)
-    if current_task is None or torch.compiler.is_compiling():
-        return False
-    return bool(current_task() != -1)
 
 
 @dataclass(frozen=True)
@@ -270,6 +258,11 @@ class TopKRouter(Router):
         importance_loss_coef: weight of the 2017 importance loss (noisy gating only).
         load_loss_coef: weight of the 2017 load loss (noisy gating only).
         expert_bias: aux-loss-free balancing bias on the selection scores.
+        bias_update_rate: with ``expert_bias``, move the bias by DeepSeek-V3's rule at this
+            rate after every training forward (counts of that forward, all-reduced when
+            ``torch.distributed`` is initialised), so no :func:`update_expert_bias` call is
+            needed; None (default): only that call moves it. Per forward, not per optimizer
+            step: with gradient accumulation it moves once per micro-batch.
         num_groups: expert groups G (dividing E) for group-limited routing; 1 disables it.
         topk_groups: groups each token may use, in ``[1, G]`` (default G: no limit).
         group_score: ``"auto"``, ``"top2_sum"`` or ``"max"``.
@@ -322,6 +315,7 @@ class TopKRouter(Router):
         balance: BalanceMode = "batch",
         drop_policy: DropPolicy = "position",
         balance_group: Any = None,
+        bias_update_rate: float | None = None,
     ) -> None:
         super().__init__(dim, num_experts, init_std)
         self.drop_policy = drop_policy
@@ -368,6 +362,14 @@ class TopKRouter(Router):
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        if bias_update_rate is not None:
+            bias_update_rate = check_nonnegative_float("bias_update_rate", bias_update_rate)
+            if not expert_bias:
+                raise ValueError(
+                    f"bias_update_rate: expected None without expert_bias=True (there is no "
+                    f"bias to update), got {bias_update_rate}"
+                )
+        self.bias_update_rate = bias_update_rate
         # real-forward load counts since the last bias update; a plain attribute, not a buffer,
         # so DDP's buffer broadcast cannot overwrite one rank's counts with another's
         self._load_counts: Tensor | None = None
@@ -528,6 +530,8 @@ class TopKRouter(Router):
             expert_ids_NK, gates_NK = self._replay_select(probs_NE)
         if self.expert_bias is not None and self.training and not _in_autograd_backward():
             self._count_loads(expert_ids_NK, None if mask_BT is None else mask_BT.reshape(-1))
+            if self.bias_update_rate is not None:  # after this forward's selection, as a step
+                self.update_expert_bias(self.bias_update_rate)
         return self._output(
             x_BTD.shape[:2], mask_BT, clean_logits_NE, logits_NE, noise_std_NE, probs_NE,
             expert_ids_NK, gates_NK,
