@@ -11,24 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from reference.moe import ExpertFn, ranked
-
-
-def token_choices(
-    x_ND: Tensor, gate_weight_ED: Tensor, top_k: int, score_func: str, normalize: bool
-) -> list[list[tuple[int, Tensor]]]:
-    """Each token's (expert, weight) choices, in rank order."""
-    choices = []
-    for n in range(x_ND.shape[0]):
-        logits = gate_weight_ED @ x_ND[n]
-        scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
-        experts = ranked(scores, top_k)
-        weights = [scores[e] for e in experts]
-        if normalize:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        choices.append(list(zip(experts, weights, strict=True)))
-    return choices
+from reference.moe import ExpertFn, token_choices
 
 
 def dropped_slots(

@@ -56,6 +56,23 @@ def ranked(scores: Tensor, k: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda e: (-float(scores[e].detach()), e))[:k]
 
 
+def token_choices(
+    x_ND: Tensor, gate_weight_ED: Tensor, top_k: int, score_func: str, normalize: bool
+) -> list[list[tuple[int, Tensor]]]:
+    """Each token's (expert, weight) choices, in rank order."""
+    choices = []
+    for n in range(x_ND.shape[0]):
+        logits = gate_weight_ED @ x_ND[n]
+        scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+        experts = ranked(scores, top_k)
+        weights = [scores[e] for e in experts]
+        if normalize:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        choices.append(list(zip(experts, weights, strict=True)))
+    return choices
+
+
 def naive_topk_moe(
     x_ND: Tensor,
     gate_weight_ED: Tensor,
@@ -73,16 +90,7 @@ def naive_topk_moe(
     """
     num_tokens, num_experts = x_ND.shape[0], gate_weight_ED.shape[0]
     real = [True] * num_tokens if token_mask is None else [bool(m) for m in token_mask]
-    choices: list[list[tuple[int, Tensor]]] = []
-    for n in range(num_tokens):
-        logits = gate_weight_ED @ x_ND[n]
-        scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
-        experts = ranked(scores, top_k)
-        weights = [scores[e] for e in experts]
-        if normalize:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        choices.append(list(zip(experts, weights, strict=True)))
+    choices = token_choices(x_ND, gate_weight_ED, top_k, score_func, normalize)
 
     dropped: set[tuple[int, int]] = set()
     if capacity_factor is not None:
